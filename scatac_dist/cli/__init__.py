@@ -1,0 +1,256 @@
+"""The ``scatac-dist`` command line. Commands are thin: they call the public functions.
+
+Global options choose where work runs (``--scheduler`` or an embedded local cluster shaped
+by ``--workers``/``--memory-limit``) and whether a Dask performance report is written.
+Errors about input are printed as one line (``error: FILE: problem. Fix: ...``) with exit
+status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+import click
+
+from ..errors import ScatacError
+
+
+class _Ctx:
+    def __init__(self, scheduler, workers, threads, memory_limit, report, progress):
+        self.scheduler = scheduler
+        self.workers = workers
+        self.threads = threads
+        self.memory_limit = memory_limit
+        self.report = report
+        self.progress = progress
+        self._client = None
+        self.stack = ExitStack()
+
+    def client(self):
+        """Start (once) the cluster and the performance report, and print the dashboard."""
+        if self._client is None:
+            from ..cluster import get_client, maybe_performance_report
+
+            self._client = get_client(self.scheduler, n_workers=self.workers,
+                                      threads_per_worker=self.threads, memory_limit=self.memory_limit)
+            self.stack.callback(self._close)
+            where = self.scheduler or "embedded LocalCluster"
+            click.echo(f"Dask: {where}, {len(self._client.scheduler_info()['workers'])} workers; "
+                       f"dashboard: {self._client.dashboard_link}", err=True)
+            self.stack.enter_context(maybe_performance_report(self.report))
+        return self._client
+
+    def _close(self):
+        client, self._client = self._client, None
+        cluster = client.cluster
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--scheduler", metavar="tcp://HOST:PORT", envvar="SCATAC_DIST_SCHEDULER",
+              help="Run on an existing Dask scheduler instead of an embedded local cluster.")
+@click.option("--workers", type=int, help="Local cluster: worker processes (default: cores, max 8).")
+@click.option("--threads-per-worker", type=int, help="Local cluster: threads per worker (default 1).")
+@click.option("--memory-limit", metavar="SIZE", help="Local cluster: memory per worker, e.g. 4GiB.")
+@click.option("--performance-report", type=click.Path(dir_okay=False),
+              help="Write Dask's HTML performance report of the run to this file.")
+@click.option("--no-progress", is_flag=True, help="Do not show progress bars.")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for Dask's own).")
+@click.version_option(package_name="scatac-dist")
+@click.pass_context
+def main(ctx, scheduler, workers, threads_per_worker, memory_limit, performance_report, no_progress,
+         verbose):
+    """scatac-dist: atlas-scale single-cell ATAC-seq analysis on Dask."""
+    logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s", level=logging.WARNING)
+    logging.getLogger("scatac_dist").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
+    if verbose < 2:
+        for name in ("distributed", "bokeh", "tornado"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    ctx.obj = _Ctx(scheduler, workers, threads_per_worker, memory_limit, performance_report,
+                   not no_progress)
+    ctx.call_on_close(ctx.obj.stack.close)
+
+
+def _run(fn):
+    """Print ScatacErrors as one line and exit 2, as a CLI should for bad input."""
+    try:
+        return fn()
+    except ScatacError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path),
+              help="The atlas store to create (a .zarr folder).")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False),
+              help="TSV of per-cell metadata, joined on its barcode (or first) column.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "10x-mtx", "10x-h5", "h5ad"]),
+              default="auto", show_default=True)
+@click.option("--chunk-rows", type=int, help="Cells per row chunk (default 10000).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists (only once the new store is complete).")
+@click.option("--round-counts", is_flag=True, help="Round non-integer counts instead of refusing them.")
+@click.option("--join", type=click.Choice(["exact", "inner", "outer"]), default="exact", show_default=True,
+              help="How to combine inputs whose peaks differ.")
+@click.option("--batch-names", help="Comma-separated batch names, one per input (default: from paths).")
+@click.option("--layer", help="For .h5ad input: read this layer instead of X.")
+@click.pass_obj
+def ingest(obj, inputs, out, labels, fmt, chunk_rows, overwrite, round_counts, join, batch_names, layer):
+    """Turn 10x folders, 10x .h5 or .h5ad files into one chunked zarr atlas.
+
+    Several INPUTS are stacked into one atlas with a 'batch' column in obs.
+    """
+    from ..io import ingest as _ingest
+
+    def go():
+        atlas = _ingest(list(inputs), out, format=fmt, labels=labels, chunk_rows=chunk_rows,
+                        overwrite=overwrite, round_counts=round_counts, join=join,
+                        batch_names=batch_names.split(",") if batch_names else None, layer=layer,
+                        client=obj.client(), progress=obj.progress)
+        click.echo(f"wrote {atlas.path}")
+        click.echo(_describe(atlas.path))
+
+    _run(go)
+
+
+def _describe(path: Path) -> str:
+    import zarr
+
+    from ..store import open_atlas
+
+    root = zarr.open_group(str(path), mode="r")
+    mods = sorted(root["mod"].group_keys()) if root.attrs.get("encoding-type") == "MuData" else [None]
+    lines = [f"store: {Path(path).absolute()} (zarr v{root.metadata.zarr_format})"]
+    for mod in mods:
+        a = open_atlas(path, mod=mod)
+        g = a._group()
+        x = g["X"]
+        head = f"[{mod}] " if mod else ""
+        lines.append(f"{head}X: {a.n_obs} cells x {a.n_vars} features, nnz {a.nnz} "
+                     f"({a.nnz / max(a.n_obs, 1):.0f} per cell), dtype {x['data'].dtype}, "
+                     f"{a.X.numblocks[0]} row chunks of {a.chunk_rows}")
+        for slot in ("obs", "var"):
+            cols = [c for c in g[slot].attrs.get("column-order", [])]
+            lines.append(f"{head}{slot}: {', '.join(cols) or '(index only)'}")
+        for slot in ("obsm", "varm", "obsp", "layers"):
+            keys = a.keys(slot)
+            if keys:
+                lines.append(f"{head}{slot}: {', '.join(keys)}")
+        for stage, rec in a.provenance().items():
+            tot = rec.get("timings_s", {}).get("total")
+            lines.append(f"{head}stage {stage}: {rec.get('finished_at')}"
+                         + (f", {tot:.1f} s" if tot is not None else ""))
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print the provenance as JSON.")
+def info(store, as_json):
+    """Describe an atlas store: shape, chunks, slots and the stages that wrote it."""
+    from ..store import open_atlas
+
+    def go():
+        if as_json:
+            click.echo(json.dumps(open_atlas(store).provenance(), indent=2))
+        else:
+            click.echo(_describe(store))
+
+    _run(go)
+
+
+def _synth_options(f):
+    for opt in reversed([
+        click.option("--cells", "n_cells", type=int, default=50_000, show_default=True),
+        click.option("--peaks", "n_peaks", type=int, default=100_000, show_default=True),
+        click.option("--clusters", "n_clusters", type=int, default=10, show_default=True),
+        click.option("--fragments", type=float, default=1000.0, show_default=True,
+                     help="Median fragments per cell."),
+        click.option("--signal", type=float, default=0.25, show_default=True,
+                     help="Share of a cell's fragments in its type's specific peaks."),
+        click.option("--batches", "n_batches", type=int, default=1, show_default=True),
+        click.option("--batch-effect", type=float, default=0.0, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--chunk-rows", type=int),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _params(kw):
+    from ..datasets import SynthParams
+
+    keys = ("n_cells", "n_peaks", "n_clusters", "fragments", "signal", "n_batches", "batch_effect", "seed")
+    return SynthParams(**{k: kw[k] for k in keys})
+
+
+@main.command()
+@click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
+@_synth_options
+@click.option("--overwrite", is_flag=True)
+@click.pass_obj
+def synth(obj, out, overwrite, chunk_rows, **kw):
+    """Generate a synthetic labelled atlas straight into a store."""
+    from ..datasets import synthesize
+
+    def go():
+        atlas = synthesize(out, _params(kw), chunk_rows=chunk_rows, overwrite=overwrite,
+                           client=obj.client(), progress=obj.progress)
+        click.echo(f"wrote {atlas.path}")
+        click.echo(_describe(atlas.path))
+
+    _run(go)
+
+
+@main.command()
+@click.option("--outdir", type=click.Path(path_type=Path), default=Path("out/demo"), show_default=True,
+              help="Where the store, report and plots go.")
+@_synth_options
+@click.option("--force", is_flag=True, help="Re-run stages already done.")
+@click.pass_context
+def demo(ctx, outdir, force, chunk_rows, **kw):
+    """Run the pipeline available so far on a generated atlas (a store, QC, plots, report)."""
+    obj = ctx.obj
+    if obj.report is None:
+        obj.report = str(outdir / "dask-report.html")
+
+    def go():
+        from ..datasets import synthesize
+        from ..pipeline import STAGES, Stage, run_stages
+        from .. import pl
+        from ..store import open_atlas
+
+        outdir.mkdir(parents=True, exist_ok=True)
+        store = outdir / "atlas.zarr"
+        params = _params(kw)
+        client = obj.client()
+        prev = open_atlas(store).provenance().get("synth", {}) if store.exists() else {}
+        from dataclasses import asdict
+
+        if force or prev.get("params", {}).get("params") != asdict(params):
+            synthesize(store, params, chunk_rows=chunk_rows, overwrite=True, client=client,
+                       progress=obj.progress)
+        else:
+            click.echo(f"{store} already holds this synthetic atlas; reusing it")
+        atlas = open_atlas(store)
+        report = run_stages(atlas, [Stage("qc", STAGES["qc"])], client=client, force=force,
+                            progress=obj.progress)
+        png = pl.qc(atlas, outdir / "qc.png")
+        click.echo(_describe(store))
+        click.echo(f"stages: {json.dumps(report)}")
+        click.echo(f"store:              {store.absolute()}")
+        click.echo(f"performance report: {Path(obj.report).absolute()} (written on exit)")
+        click.echo(f"plots:              {png.absolute()}")
+
+    _run(go)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

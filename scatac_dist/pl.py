@@ -1,0 +1,47 @@
+"""Plots written to PNG files (matplotlib's Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .store import Atlas
+
+__all__ = ["qc"]
+
+
+def qc(atlas: Atlas, path: str | Path) -> Path:
+    """Histograms of counts and peaks per cell, and cells per peak.
+
+    Reads ``obs['total_counts']``, ``obs['n_peaks_by_counts']``, ``var['n_cells_by_counts']``
+    (written by :func:`scatac_dist.pp.calculate_qc_metrics`). O(n_cells) on the client.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    obs, var = atlas.obs, atlas.var
+    missing = [c for c in ("total_counts", "n_peaks_by_counts") if c not in obs] + \
+        [c for c in ("n_cells_by_counts",) if c not in var]
+    if missing:
+        raise ValueError(f"{atlas.path} has no QC metrics {missing}: run "
+                         "scatac_dist.pp.calculate_qc_metrics first")
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
+    panels = [(obs["total_counts"], "counts per cell"), (obs["n_peaks_by_counts"], "peaks per cell"),
+              (var["n_cells_by_counts"], "cells per peak")]
+    for ax, (vals, label) in zip(axes, panels):
+        v = np.asarray(vals, dtype=float)
+        ax.hist(np.log10(v + 1), bins=80, color="#3b6ea8")
+        ax.set_xlabel(f"log10({label} + 1)")
+        ax.set_ylabel("number")
+        ax.set_title(f"{label}: median {np.median(v):.0f}")
+    fig.suptitle(f"{atlas.path.name}: {atlas.n_obs:,} cells x {atlas.n_vars:,} peaks")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
