@@ -28,10 +28,11 @@ import shutil
 import sys
 import time
 import uuid
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import anndata as ad
 import numpy as np
@@ -298,7 +299,9 @@ class Atlas:
         parent, _, name = full.rpartition("/")
         root = zarr.open_group(str(self.path), mode="a", use_consolidated=False)
         if parent and parent not in root:
-            root.require_group(parent)
+            # a plain dict group, tagged so anndata reads it without an OldFormatWarning
+            g = root.require_group(parent)
+            g.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
         staging = self.path.with_name(f".{self.path.name}.staging-{uuid.uuid4().hex[:8]}")
         try:
             sg = zarr.open_group(str(staging), mode="w", zarr_format=self.zarr_format)

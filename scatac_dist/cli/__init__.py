@@ -125,6 +125,7 @@ def _describe(path: Path) -> str:
 
     from ..store import open_atlas
 
+    open_atlas(path)  # a clear error if this is not an atlas
     root = zarr.open_group(str(path), mode="r")
     mods = sorted(root["mod"].group_keys()) if root.attrs.get("encoding-type") == "MuData" else [None]
     lines = [f"store: {Path(path).absolute()} (zarr v{root.metadata.zarr_format})"]
@@ -222,9 +223,9 @@ def demo(ctx, outdir, force, chunk_rows, **kw):
         obj.report = str(outdir / "dask-report.html")
 
     def go():
+        from .. import pl
         from ..datasets import synthesize
         from ..pipeline import STAGES, Stage, run_stages
-        from .. import pl
         from ..store import open_atlas
 
         outdir.mkdir(parents=True, exist_ok=True)

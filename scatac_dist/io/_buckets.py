@@ -9,12 +9,11 @@ the spool. Memory is bounded by one parse batch plus one bucket, never by the fi
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import scipy.sparse as sp
-
 
 ENTRY = np.dtype([("cell", "<i4"), ("col", "<i4"), ("val", "<u4")])
 

@@ -7,8 +7,8 @@ uses ``chr:start-end`` as the peak name, as Cell Ranger ATAC does.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd

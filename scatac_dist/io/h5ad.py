@@ -12,7 +12,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import pandas as pd
 import scipy.sparse as sp
 from anndata.io import read_elem
 

@@ -22,9 +22,10 @@ from __future__ import annotations
 import logging
 import shutil
 import uuid
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import anndata as ad
 import numpy as np

@@ -15,8 +15,9 @@ def row_counts(block: sp.csr_matrix) -> np.ndarray:
 
 
 def row_nnz(block: sp.csr_matrix) -> np.ndarray:
-    """Non-zero entries per row, int64."""
-    return np.diff(block.indptr).astype(np.int64)
+    """Non-zero values per row, int64 (explicitly stored zeros do not count)."""
+    csum = np.concatenate([[0], np.cumsum(block.data != 0, dtype=np.int64)])
+    return csum[block.indptr[1:]] - csum[block.indptr[:-1]]
 
 
 def col_counts(block: sp.csr_matrix) -> np.ndarray:
@@ -27,5 +28,5 @@ def col_counts(block: sp.csr_matrix) -> np.ndarray:
 
 
 def col_nnz(block: sp.csr_matrix) -> np.ndarray:
-    """Non-zero entries per column (cells with the peak open, in a row block), int64."""
-    return np.bincount(block.indices, minlength=block.shape[1]).astype(np.int64)
+    """Non-zero values per column (cells with the peak open, in a row block), int64."""
+    return np.bincount(block.indices[block.data != 0], minlength=block.shape[1]).astype(np.int64)

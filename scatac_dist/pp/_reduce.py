@@ -6,7 +6,7 @@ reduction is a per-block kernel from :mod:`scatac_dist.ops` followed by a dense 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import dask.array as da
 import numpy as np
