@@ -114,7 +114,7 @@ def test_mtx_round_trip_through_buckets(synth_store, client, tmp_path, small_chu
     folder = export_10x_mtx(atlas, tmp_path / "filtered_peak_bc_matrix")
     import dask.config
 
-    with dask.config.set({"scatac-dist.ingest.parse-batch-entries": 100_000}):
+    with dask.config.set({"scatac-dist.ingest.piece-bytes": 1_000_000}):
         back = ingest(folder, tmp_path / "back.zarr", chunk_rows=333, client=client, progress=False)
     a, b = ad.read_zarr(out), ad.read_zarr(back.path)
     assert (a.X != b.X).nnz == 0 and a.obs_names.equals(b.obs_names) and a.var_names.equals(b.var_names)

@@ -167,12 +167,12 @@ def ingest(
                 raise InputError(path, "does not exist", "check the path")
             wd = workdir / str(i)
             if fmt == "10x-mtx":
-                plan = plan_10x_mtx(path, workdir=wd, chunk_rows=chunk_rows,
+                plan = plan_10x_mtx(path, workdir=wd, chunk_rows=chunk_rows, client=client,
                                     round_counts=round_counts, progress=progress)
             elif fmt == "10x-h5":
                 plan = plan_10x_h5(path, chunk_rows=chunk_rows)
             else:
-                plan = plan_h5ad(path, chunk_rows=chunk_rows, workdir=wd, layer=layer,
+                plan = plan_h5ad(path, chunk_rows=chunk_rows, workdir=wd, layer=layer, client=client,
                                  round_counts=round_counts, progress=progress)
             plans.append(plan)
             formats.append(fmt)

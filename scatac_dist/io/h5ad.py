@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from anndata.io import read_elem
 
 from ..errors import InputError
-from ._buckets import Bucketer, iter_batches
+from ._buckets import bucket_recipes, iter_batches, write_piece
 from .features import var_from_table
 from .tenx_h5 import open_h5
 from .writer import BlockPlan, check_counts
@@ -44,7 +44,21 @@ def _dense_block(path: str, elem: str, start: int, stop: int) -> sp.csr_matrix:
         return sp.csr_matrix(f[elem][start:stop])
 
 
-def plan_h5ad(path: str | Path, *, chunk_rows: int, workdir: str | Path, layer: str | None = None,
+def _csc_piece(path: str, elem: str, piece: int, c0: int, c1: int, n_cells: int, chunk_rows: int,
+               workdir: str, round_counts: bool):
+    """Worker task: columns [c0, c1) of a CSC matrix, bucketed by cell."""
+    with h5py.File(path, "r") as f:
+        g = f[elem]
+        ip = g["indptr"][c0:c1 + 1].astype(np.int64)
+        lo, hi = int(ip[0]), int(ip[-1])
+        rows = g["indices"][lo:hi]
+        vals = check_counts(g["data"][lo:hi], path, round_counts=round_counts)
+    cols = np.repeat(np.arange(c0, c1, dtype=np.int32), np.diff(ip))
+    return write_piece(workdir, piece, rows.astype(np.int32), cols, vals.astype(np.uint32),
+                       n_cells, chunk_rows)
+
+
+def plan_h5ad(path: str | Path, *, chunk_rows: int, workdir: str | Path, client, layer: str | None = None,
               round_counts: bool = False, progress: bool = True) -> BlockPlan:
     """Check an ``.h5ad`` file and describe its row blocks; see the module docstring."""
     path = Path(path)
@@ -84,19 +98,12 @@ def plan_h5ad(path: str | Path, *, chunk_rows: int, workdir: str | Path, layer: 
         recipes = [(_dense_block, (str(path), elem, s, e)) for s, e in iter_batches(n_cells, chunk_rows)]
     elif enc == "csc_matrix":
         logger.info("%s: %s is CSC; reordering it by cell through on-disk buckets", path, elem)
-        bucketer = Bucketer(workdir, n_cells, chunk_rows)
-        col_batch = max(1, chunk_rows)
-        with h5py.File(path, "r") as f:
-            g = f[elem]
-            indptr_all = g["indptr"]
-            for c0, c1 in iter_batches(n_cols, col_batch):
-                ip = indptr_all[c0:c1 + 1].astype(np.int64)
-                lo, hi = int(ip[0]), int(ip[-1])
-                rows = g["indices"][lo:hi]
-                vals = check_counts(g["data"][lo:hi], path, round_counts=round_counts)
-                cols = np.repeat(np.arange(c0, c1, dtype=np.int32), np.diff(ip))
-                bucketer.add(rows.astype(np.int32), cols, vals.astype(np.uint32))
-        recipes = bucketer.recipes(n_cols)
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        futures = [client.submit(_csc_piece, str(path), elem, piece, c0, c1, n_cells, chunk_rows,
+                                 str(workdir), round_counts, pure=False)
+                   for piece, (c0, c1) in enumerate(iter_batches(n_cols, max(1, chunk_rows)))]
+        counts = client.gather(futures)
+        recipes = bucket_recipes(workdir, counts, n_cells, chunk_rows, n_cols)
     else:
         raise InputError(path, f"{elem} has encoding {enc!r}, not a matrix",
                          "store counts as a dense array or CSR/CSC sparse matrix")

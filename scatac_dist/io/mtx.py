@@ -2,16 +2,15 @@
 
 The folder holds ``matrix.mtx[.gz]`` (MatrixMarket coordinates, peaks x cells),
 ``peaks.bed[.gz]`` and ``barcodes.tsv[.gz]``. The matrix is streamed in batches on the
-client (a gzip stream cannot be split) and bucketed by cell on disk
-(:mod:`scatac_dist.io._buckets`); workers then turn buckets into CSR row blocks.
+client (a gzip stream cannot be split) in pieces of whole lines, which Dask workers parse
+and bucket by cell on disk in parallel (:mod:`scatac_dist.io._buckets`); workers then turn
+buckets into CSR row blocks. At most a few pieces are in flight, so memory stays bounded.
 """
 
 from __future__ import annotations
 
-import gzip
 import io
 import logging
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +18,8 @@ import pandas as pd
 
 from .. import _config
 from ..errors import InputError
-from ._buckets import Bucketer
-from ._open import is_gzip, open_text
+from ._buckets import bucket_recipes, write_piece
+from ._open import GZIP_ERRORS, gzip_reader, is_gzip, open_text
 from .features import read_bed
 from .writer import BlockPlan, check_counts
 
@@ -106,13 +105,59 @@ def read_mtx_header(path: str | Path) -> tuple[int, int, int, str, int]:
             except ValueError:
                 raise InputError(path, f"has a malformed size line {line.strip()[:60]!r}",
                                  "the file is corrupt; re-export it") from None
-    except (EOFError, gzip.BadGzipFile, zlib.error, UnicodeDecodeError) as exc:
+    except (*GZIP_ERRORS, UnicodeDecodeError) as exc:
         raise InputError(path, f"is truncated or corrupt ({exc})",
                          "re-download or re-export it (`gzip -t` checks a .gz file)") from exc
     return rows, cols, entries, field, n
 
 
-def plan_10x_mtx(folder: str | Path, *, workdir: str | Path, chunk_rows: int,
+def _parse_piece(text: bytes, piece: int, field: str, rows: int, cols: int, cell_col: int, n_cells: int,
+                 chunk_rows: int, workdir: str, round_counts: bool, source: str):
+    """Worker task: parse a run of whole MatrixMarket lines, check them, bucket them by cell."""
+    ncol = 2 if field == "pattern" else 3
+    arr = None
+    if field in ("integer", "unsigned-integer", "pattern"):
+        # Fast path (about 3x pandas): whole lines of integers only. Anything else, such as
+        # a comment, a decimal point or a short line, falls through to pandas, which
+        # reports it.
+        try:
+            arr = np.fromstring(text, dtype=np.int64, sep=" ")
+            if arr.size != text.count(b"\n") * ncol:
+                arr = None
+        except ValueError:
+            arr = None
+    if arr is not None:
+        arr = arr.reshape(-1, ncol)
+        r, c = arr[:, 0], arr[:, 1]
+        v = arr[:, 2] if ncol == 3 else None
+    else:
+        names = ["r", "c", "v"][:ncol]
+        try:
+            df = pd.read_csv(io.BytesIO(text), sep=r"\s+", header=None, names=names, usecols=range(ncol),
+                             dtype={"r": np.int64, "c": np.int64, "v": np.float64}, comment="%", engine="c")
+        except (pd.errors.ParserError, ValueError) as exc:
+            raise InputError(source, f"has a malformed line ({exc})",
+                             "the file is corrupt; re-export it") from exc
+        r, c = df["r"].to_numpy(), df["c"].to_numpy()
+        v = df["v"].to_numpy() if ncol == 3 else None
+    n = len(r)
+    if v is None:
+        v = np.ones(n, dtype=np.uint32)
+    else:
+        if v.dtype.kind == "f" and np.isnan(v).any():
+            raise InputError(source, "has a line with a missing value",
+                             "the file is truncated or corrupt; re-export it")
+        v = check_counts(v, source, round_counts=round_counts)
+    if n and (r.min() < 1 or r.max() > rows or c.min() < 1 or c.max() > cols):
+        raise InputError(source, f"has an entry outside its {rows} x {cols} size",
+                         "the file is corrupt; re-export it")
+    cell = (c if cell_col == 1 else r) - 1
+    peak = (r if cell_col == 1 else c) - 1
+    return n, (piece, write_piece(workdir, piece, cell, peak, v.astype(np.uint32),
+                                        n_cells, chunk_rows))
+
+
+def plan_10x_mtx(folder: str | Path, *, workdir: str | Path, chunk_rows: int, client,
                  round_counts: bool = False, progress: bool = True) -> BlockPlan:
     """Check a 10x folder and bucket its matrix by cell; return its :class:`BlockPlan`.
 
@@ -127,9 +172,9 @@ def plan_10x_mtx(folder: str | Path, *, workdir: str | Path, chunk_rows: int,
     var = read_bed(peaks_path)
     rows, cols, entries, field, n_header = read_mtx_header(mtx)
     if rows == len(var) and cols == len(barcodes):
-        cell_col, peak_col = 1, 0  # Cell Ranger's orientation: peaks x cells
+        cell_col = 1  # Cell Ranger's orientation: peaks x cells
     elif rows == len(barcodes) and cols == len(var):
-        cell_col, peak_col = 0, 1
+        cell_col = 0
         logger.info("%s is cells x peaks (transposed from Cell Ranger's layout); reading it so", mtx)
     else:
         raise InputError(mtx, f"is {rows} x {cols} but {peaks_path.name} lists {len(var)} peaks and "
@@ -139,52 +184,62 @@ def plan_10x_mtx(folder: str | Path, *, workdir: str | Path, chunk_rows: int,
         raise InputError(mtx, "is empty (no non-zero counts)",
                          "check that the right file was given")
 
-    bucketer = Bucketer(workdir, len(barcodes), chunk_rows)
-    batch = int(_config.get("ingest.parse-batch-entries"))
-    names = ["r", "c"] if field == "pattern" else ["r", "c", "v"]
-    dtypes = {"r": np.int64, "c": np.int64, "v": np.float64}
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    piece_bytes = int(_config.get("ingest.piece-bytes"))
+    layout = (field, rows, cols, cell_col, len(barcodes), chunk_rows, str(workdir), round_counts, str(mtx))
     raw = open(mtx, "rb")
-    size = mtx.stat().st_size
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=size, unit="B", unit_scale=True, desc=f"parsing {mtx.name}")
+        bar = tqdm(total=mtx.stat().st_size, unit="B", unit_scale=True, desc=f"parsing {mtx.name}")
+    from distributed import wait
+
+    counts, n_entries, pending = [], 0, []
+
+    def collect(done):
+        nonlocal n_entries
+        for fut in done:
+            n, c = fut.result()  # re-raises a worker's InputError here
+            n_entries += n
+            counts.append(c)
+
     try:
-        stream = gzip.GzipFile(fileobj=raw) if is_gzip(mtx) else raw
-        text = io.TextIOWrapper(stream, encoding="ascii")
-        reader = pd.read_csv(text, sep=r"\s+", header=None, names=names, usecols=range(len(names)),
-                             skiprows=n_header, chunksize=batch, dtype=dtypes, comment="%",
-                             engine="c")
-        for df in reader:
-            r, c = df["r"].to_numpy(), df["c"].to_numpy()
-            v = np.ones(len(df), dtype=np.uint32) if field == "pattern" else df["v"].to_numpy()
-            if np.isnan(v).any() if v.dtype.kind == "f" else False:
-                raise InputError(mtx, f"has a line with a missing value near entry "
-                                 f"{bucketer.n_entries + int(np.flatnonzero(np.isnan(v))[0]) + 1}",
-                                 "the file is truncated or corrupt; re-export it")
-            v = check_counts(v, mtx, round_counts=round_counts)
-            if (r < 1).any() or (r > rows).any() or (c < 1).any() or (c > cols).any():
-                raise InputError(mtx, f"has an entry outside its {rows} x {cols} size",
-                                 "the file is corrupt; re-export it")
-            cell = (c if cell_col == 1 else r) - 1
-            peak = (r if peak_col == 0 else c) - 1
-            bucketer.add(cell.astype(np.int32), peak.astype(np.int32), v.astype(np.uint32))
+        stream = gzip_reader(raw) if is_gzip(mtx) else raw
+        for _ in range(n_header):
+            stream.readline()
+        piece = 0
+        max_pending = max(1, len(client.scheduler_info()["workers"])) + 1
+        while True:
+            text = stream.read(piece_bytes)
+            if not text:
+                break
+            if not text.endswith(b"\n"):
+                text += stream.readline()
+            data = client.scatter(text, hash=False)
+            pending.append(client.submit(_parse_piece, data, piece, *layout, pure=False))
+            piece += 1
             if bar is not None:
                 bar.update(raw.tell() - bar.n)
-    except (EOFError, gzip.BadGzipFile, zlib.error, UnicodeDecodeError,
-            pd.errors.ParserError, ValueError) as exc:
-        if isinstance(exc, InputError):
-            raise
+            if len(pending) >= max_pending:
+                res = wait(pending, return_when="FIRST_COMPLETED")
+                collect(res.done)
+                pending = list(res.not_done)
+        collect(wait(pending).done)
+    except GZIP_ERRORS as exc:
         raise InputError(mtx, f"is truncated or corrupt ({type(exc).__name__}: {exc})",
                          "re-download or re-export it (`gzip -t` checks a .gz file)") from exc
     finally:
+        client.cancel(pending)
         raw.close()
         if bar is not None:
             bar.close()
-    if bucketer.n_entries != entries:
-        raise InputError(mtx, f"holds {bucketer.n_entries} entries but its header announces {entries}",
+    if n_entries != entries:
+        raise InputError(mtx, f"holds {n_entries} entries but its header announces {entries}",
                          "the file is truncated or was cut while being written; re-export it")
+    # pieces are numbered in file order, but finish in any order: sort counts back by piece
     obs = pd.DataFrame(index=barcodes)
     return BlockPlan(source=Path(folder), obs=obs, var={"X": var},
-                     recipes=bucketer.recipes(len(var)))
+                     recipes=bucket_recipes(workdir, [c for _, c in sorted(counts, key=lambda t: t[0])],
+                                            len(barcodes), chunk_rows, len(var)))
