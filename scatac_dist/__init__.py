@@ -9,6 +9,7 @@ import logging
 from importlib import metadata
 
 from . import _config  # noqa: F401  (registers the package's Dask config defaults)
+from . import pp
 from .cluster import get_client
 from .errors import ClusterError, InputError, OutputExistsError, ScatacError
 from .store import Atlas, open_atlas
@@ -29,5 +30,5 @@ def ingest(*args, **kwargs):
     return _ingest(*args, **kwargs)
 
 
-__all__ = ["Atlas", "open_atlas", "ingest", "get_client", "ScatacError", "InputError",
+__all__ = ["pp", "Atlas", "open_atlas", "ingest", "get_client", "ScatacError", "InputError",
            "OutputExistsError", "ClusterError", "__version__"]

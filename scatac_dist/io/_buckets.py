@@ -32,10 +32,12 @@ def write_piece(workdir: str | Path, piece: int, cell: np.ndarray, col: np.ndarr
     rec = np.empty(len(cell), dtype=ENTRY)
     rec["cell"], rec["col"], rec["val"] = cell, col, val
     bucket = rec["cell"] // chunk_rows
-    order = np.argsort(bucket, kind="stable")
+    nb = n_buckets(n_cells, chunk_rows)
+    # numpy's stable sort is a linear-time radix sort for 16-bit keys
+    order = np.argsort(bucket.astype(np.uint16) if nb <= 65536 else bucket, kind="stable")
     path = Path(workdir) / f"piece-{piece:07d}.bin"
     rec[order].tofile(path)
-    return np.bincount(bucket, minlength=n_buckets(n_cells, chunk_rows)).astype(np.int64)
+    return np.bincount(bucket, minlength=nb).astype(np.int64)
 
 
 def bucket_recipes(workdir: str | Path, piece_counts: list[np.ndarray], n_cells: int, chunk_rows: int,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -250,8 +251,6 @@ def write_atlas(
     ------
     The whole store: ``X`` (or ``mod/*/X``), ``obs``, ``var``, ``uns/scatac_dist/<stage>``.
     """
-    import time
-
     from ..cluster import current_client
 
     client = client or current_client()
