@@ -27,7 +27,7 @@ def cluster():
     """A real LocalCluster: 2 worker processes, 1 thread each, on loopback."""
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                       memory_limit="3GiB") as lc:
         yield lc
 

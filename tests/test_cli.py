@@ -19,7 +19,7 @@ def test_synth_and_info(cluster, tmp_path):
     assert ad.read_zarr(out).shape == (1500, 900)
     r = CliRunner().invoke(main, ["info", str(out)])
     assert r.exit_code == 0
-    assert "X: 1500 cells x 900 features" in r.output and "4 row chunks" not in r.output  # default 10000 rows
+    assert "X: 1500 cells x 900 features" in r.output and "1 row chunk of 10000 cells" in r.output
     assert "obs: celltype, lineage" in r.output and "stage synth" in r.output
     r = CliRunner().invoke(main, ["info", "--json", str(out)])
     assert json.loads(r.output)["synth"]["params"]["params"]["n_cells"] == 1500

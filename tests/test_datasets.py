@@ -23,7 +23,7 @@ def test_store_is_the_same_for_any_chunking_and_workers(client, tmp_path):
 
     p = SynthParams(n_cells=2000, n_peaks=1500, n_batches=2, batch_effect=0.3, seed=11)
     a = synthesize(tmp_path / "a.zarr", p, chunk_rows=250, client=client, progress=False)
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as lc, \
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as lc, \
             Client(lc) as one:
         b = synthesize(tmp_path / "b.zarr", p, chunk_rows=1999, client=one, progress=False)
     xa, xb = ad.read_zarr(a.path), ad.read_zarr(b.path)

@@ -136,7 +136,7 @@ def _describe(path: Path) -> str:
         head = f"[{mod}] " if mod else ""
         lines.append(f"{head}X: {a.n_obs} cells x {a.n_vars} features, nnz {a.nnz} "
                      f"({a.nnz / max(a.n_obs, 1):.0f} per cell), dtype {x['data'].dtype}, "
-                     f"{a.X.numblocks[0]} row chunks of {a.chunk_rows}")
+                     f"{a.X.numblocks[0]} row chunk{'s' if a.X.numblocks[0] != 1 else ''} of {a.chunk_rows} cells")
         for slot in ("obs", "var"):
             cols = [c for c in g[slot].attrs.get("column-order", [])]
             lines.append(f"{head}{slot}: {', '.join(cols) or '(index only)'}")
