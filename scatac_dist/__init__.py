@@ -8,8 +8,10 @@ from __future__ import annotations
 import logging
 from importlib import metadata
 
-from . import _config  # noqa: F401  (registers the package's Dask config defaults)
-from . import pp
+from . import (
+    _config,  # noqa: F401  (registers the package's Dask config defaults)
+    pp,
+)
 from .cluster import get_client
 from .errors import ClusterError, InputError, OutputExistsError, ScatacError
 from .store import Atlas, open_atlas

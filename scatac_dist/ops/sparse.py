@@ -30,3 +30,8 @@ def col_counts(block: sp.csr_matrix) -> np.ndarray:
 def col_nnz(block: sp.csr_matrix) -> np.ndarray:
     """Non-zero values per column (cells with the peak open, in a row block), int64."""
     return np.bincount(block.indices[block.data != 0], minlength=block.shape[1]).astype(np.int64)
+
+
+def col_nnz_ge(block: sp.csr_matrix, min_reads: int = 1) -> np.ndarray:
+    """Per column, the rows with at least ``min_reads`` counts, int64."""
+    return np.bincount(block.indices[block.data >= min_reads], minlength=block.shape[1]).astype(np.int64)

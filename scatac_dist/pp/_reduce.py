@@ -12,21 +12,21 @@ import dask.array as da
 import numpy as np
 
 
-def _row_of(block, kernel):
-    return kernel(block)[None, :]
+def _row_of(block, kernel, kw):
+    return kernel(block, **kw)[None, :]
 
 
-def _col_of(block, kernel):
-    return kernel(block)
+def _col_of(block, kernel, kw):
+    return kernel(block, **kw)
 
 
-def per_cell(X: da.Array, kernel: Callable, dtype=np.int64) -> da.Array:
-    """``kernel(block) -> (rows,)`` applied to every row block: a lazy (n_cells,) array."""
-    return X.map_blocks(_col_of, kernel, drop_axis=1, dtype=dtype, meta=np.empty(0, dtype))
+def per_cell(X: da.Array, kernel: Callable, dtype=np.int64, **kw) -> da.Array:
+    """``kernel(block, **kw) -> (rows,)`` applied to every row block: a lazy (n_cells,) array."""
+    return X.map_blocks(_col_of, kernel, kw, drop_axis=1, dtype=dtype, meta=np.empty(0, dtype))
 
 
-def per_peak(X: da.Array, kernel: Callable, dtype=np.int64, split_every: int = 8) -> da.Array:
-    """``kernel(block) -> (n_peaks,)`` summed over row blocks by a tree reduction."""
-    parts = X.map_blocks(_row_of, kernel, chunks=((1,) * X.numblocks[0], (X.shape[1],)),
+def per_peak(X: da.Array, kernel: Callable, dtype=np.int64, split_every: int = 8, **kw) -> da.Array:
+    """``kernel(block, **kw) -> (n_peaks,)`` summed over row blocks by a tree reduction."""
+    parts = X.map_blocks(_row_of, kernel, kw, chunks=((1,) * X.numblocks[0], (X.shape[1],)),
                          dtype=dtype, meta=np.empty((0, 0), dtype))
     return parts.sum(axis=0, split_every=split_every)

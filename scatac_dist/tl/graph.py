@@ -1,0 +1,180 @@
+"""Neighbours, clustering and UMAP on an embedding.
+
+An embedding is O(n_cells x d) with small d, so it is gathered and these steps run on the
+client (GUIDE invariant 2 allows it); the kNN graph is O(n_cells x k). Cells with NaN
+embedding rows (filtered out) are left out and get missing labels.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from ..store import Atlas
+
+logger = logging.getLogger("scatac_dist")
+
+__all__ = ["neighbors", "leiden", "kmeans", "umap", "knn_graph", "leiden_labels"]
+
+EXACT_MAX_CELLS = 20_000
+
+
+def _embedding(atlas: Atlas, use_rep: str) -> tuple[np.ndarray, np.ndarray]:
+    if use_rep not in atlas.keys("obsm"):
+        raise ValueError(f"{atlas.path} has no obsm[{use_rep!r}]: compute an embedding first "
+                         "(scatac_dist.tl.spectral or scatac_dist.tl.lsi)")
+    E = np.asarray(atlas.read(f"obsm/{use_rep}"), dtype=np.float32)
+    ok = np.isfinite(E).all(axis=1)
+    return E[ok], ok
+
+
+def knn_graph(E: np.ndarray, k: int = 15, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and distances of the ``k`` nearest neighbours of each row (self excluded).
+
+    Exact (scikit-learn, brute force) up to ``EXACT_MAX_CELLS`` cells, pynndescent beyond.
+    """
+    n = E.shape[0]
+    if k >= n:
+        raise ValueError(f"k={k} neighbours asked for but only {n} cells: use k < {n}")
+    if n <= EXACT_MAX_CELLS:
+        from sklearn.neighbors import NearestNeighbors
+
+        dist, idx = NearestNeighbors(n_neighbors=k + 1).fit(E).kneighbors(E)
+    else:
+        from pynndescent import NNDescent
+
+        index = NNDescent(E, n_neighbors=k + 1, random_state=seed, n_jobs=1)
+        idx, dist = index.neighbor_graph
+    return idx[:, 1:], dist[:, 1:]
+
+
+def _connectivities(idx: np.ndarray, dist: np.ndarray, n: int) -> sp.csr_matrix:
+    """UMAP's fuzzy simplicial set of the kNN graph (what scanpy stores as connectivities)."""
+    from umap.umap_ import fuzzy_simplicial_set
+
+    knn_i = np.hstack([np.arange(n)[:, None], idx])
+    knn_d = np.hstack([np.zeros((n, 1), dist.dtype), dist])
+    graph, _, _ = fuzzy_simplicial_set(sp.coo_matrix((n, 1)), knn_i.shape[1], 0, "euclidean",
+                                       knn_indices=knn_i, knn_dists=knn_d)
+    return sp.csr_matrix(graph)
+
+
+def _expand(mat: sp.csr_matrix, ok: np.ndarray) -> sp.csr_matrix:
+    rows = np.flatnonzero(ok)
+    coo = mat.tocoo()
+    return sp.csr_matrix((coo.data, (rows[coo.row], rows[coo.col])), shape=(len(ok), len(ok)))
+
+
+def neighbors(atlas: Atlas, *, use_rep: str = "X_spectral", n_neighbors: int = 15, seed: int = 0) -> dict:
+    """kNN graph of an embedding. Writes ``obsp['distances']``, ``obsp['connectivities']``."""
+    t0 = time.perf_counter()
+    E, ok = _embedding(atlas, use_rep)
+    idx, dist = knn_graph(E, n_neighbors, seed)
+    n = E.shape[0]
+    D = sp.csr_matrix((dist.ravel(), (np.repeat(np.arange(n), n_neighbors), idx.ravel())), shape=(n, n))
+    C = _connectivities(idx, dist, n)
+    atlas.write_obsp("distances", _expand(D, ok))
+    atlas.write_obsp("connectivities", _expand(C, ok))
+    atlas.record("neighbors", dict(use_rep=use_rep, n_neighbors=n_neighbors, seed=seed),
+                 {"total": time.perf_counter() - t0})
+    return {"n_cells": int(n)}
+
+
+def leiden_labels(graph: sp.spmatrix, resolution: float = 1.0, seed: int = 0) -> np.ndarray:
+    """Leiden (RB configuration model) on a weighted graph, with leidenalg."""
+    import igraph as ig
+    import leidenalg
+
+    g = sp.triu(graph, k=1).tocoo() + sp.tril(graph, k=-1).T.tocoo()
+    g = sp.coo_matrix(g)
+    G = ig.Graph(n=graph.shape[0], edges=np.column_stack([g.row, g.col]).tolist(),
+                 edge_attrs={"weight": g.data.tolist()})
+    part = leidenalg.find_partition(G, leidenalg.RBConfigurationVertexPartition, weights="weight",
+                                    resolution_parameter=resolution, seed=seed, n_iterations=2)
+    return np.asarray(part.membership)
+
+
+def leiden(atlas: Atlas, *, resolution: float = 1.0, n_clusters: int | None = None, seed: int = 0,
+           key_added: str = "leiden", max_steps: int = 30) -> dict:
+    """Leiden clusters of ``obsp['connectivities']``.
+
+    With ``n_clusters``, the resolution is searched by bisection (on a log scale, between
+    0.01 and 10) until Leiden gives that many clusters, or the closest count found within
+    ``max_steps``. Writes ``obs[key_added]`` (categorical) and the resolution used.
+    """
+    t0 = time.perf_counter()
+    if "connectivities" not in atlas.keys("obsp"):
+        raise ValueError(f"{atlas.path} has no neighbour graph: run scatac_dist.tl.neighbors first")
+    C = sp.csr_matrix(atlas.read("obsp/connectivities"))
+    ok = np.asarray(C.getnnz(axis=1) > 0)
+    C = C[ok][:, ok]
+    if n_clusters is not None:
+        if n_clusters > C.shape[0]:
+            raise ValueError(f"n_clusters={n_clusters} is larger than the {C.shape[0]} cells")
+        lo, hi, best = np.log(0.01), np.log(10.0), None
+        for _ in range(max_steps):
+            res = float(np.exp((lo + hi) / 2))
+            lab = leiden_labels(C, res, seed)
+            k = len(np.unique(lab))
+            if best is None or abs(k - n_clusters) < abs(best[1] - n_clusters):
+                best = (res, k, lab)
+            if k == n_clusters:
+                break
+            lo, hi = (np.log(res), hi) if k < n_clusters else (lo, np.log(res))
+        resolution, _, lab = best
+    else:
+        lab = leiden_labels(C, resolution, seed)
+    full = np.full(atlas.n_obs, None, dtype=object)
+    full[ok] = lab.astype(str)
+    atlas.write_obs({key_added: pd.Categorical(full)})
+    k = len(np.unique(lab))
+    atlas.record(key_added, dict(resolution=resolution, n_clusters=n_clusters, seed=seed),
+                 {"total": time.perf_counter() - t0}, result={"n_clusters": k, "resolution": resolution})
+    return {"n_clusters": k, "resolution": resolution}
+
+
+def kmeans(atlas: Atlas, n_clusters: int, *, use_rep: str = "X_spectral", n_init: int = 20, seed: int = 0,
+           key_added: str = "kmeans") -> dict:
+    """k-means (scikit-learn, ``n_init`` restarts) on the gathered embedding; writes ``obs[key_added]``."""
+    from sklearn.cluster import KMeans
+
+    t0 = time.perf_counter()
+    E, ok = _embedding(atlas, use_rep)
+    if not 1 <= n_clusters <= E.shape[0]:
+        raise ValueError(f"n_clusters={n_clusters} must be between 1 and the {E.shape[0]} cells")
+    lab = KMeans(n_clusters, n_init=n_init, random_state=seed).fit_predict(E)
+    full = np.full(atlas.n_obs, None, dtype=object)
+    full[ok] = lab.astype(str)
+    atlas.write_obs({key_added: pd.Categorical(full)})
+    atlas.record(key_added, dict(n_clusters=n_clusters, use_rep=use_rep, n_init=n_init, seed=seed),
+                 {"total": time.perf_counter() - t0})
+    return {"n_clusters": n_clusters}
+
+
+def umap(atlas: Atlas, *, use_rep: str = "X_spectral", n_neighbors: int = 15, min_dist: float = 0.5,
+         seed: int = 0, fit_max_cells: int = 100_000) -> dict:
+    """2-D UMAP (umap-learn). Above ``fit_max_cells`` it is fitted on a seeded sample and
+    the other cells are placed with ``transform``. Writes ``obsm['X_umap']``."""
+    from umap import UMAP
+
+    t0 = time.perf_counter()
+    E, ok = _embedding(atlas, use_rep)
+    model = UMAP(n_neighbors=n_neighbors, min_dist=min_dist, random_state=seed)
+    if E.shape[0] <= fit_max_cells:
+        Y = model.fit_transform(E)
+    else:
+        rng = np.random.default_rng(seed)
+        sample = np.sort(rng.choice(E.shape[0], fit_max_cells, replace=False))
+        model.fit(E[sample])
+        Y = model.transform(E)
+        Y[sample] = model.embedding_
+    out = np.full((atlas.n_obs, 2), np.nan, dtype=np.float32)
+    out[ok] = Y
+    atlas.write_obsm("X_umap", out)
+    atlas.record("umap", dict(use_rep=use_rep, n_neighbors=n_neighbors, min_dist=min_dist, seed=seed,
+                              fit_max_cells=fit_max_cells), {"total": time.perf_counter() - t0})
+    return {"n_cells": int(ok.sum())}

@@ -1,0 +1,152 @@
+"""pp/tl kernels and Dask steps against direct NumPy/SciPy computations on small data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+
+from scatac_dist import pp, tl
+from scatac_dist.datasets import SynthParams, generate_rows, synth_obs, synthesize
+from scatac_dist.ops.select import episcanpy_variability, snapatac2_quantile, top_accessible
+from scatac_dist.ops.tfidf import METHODS, idf_from_counts, tfidf_block
+from scatac_dist.store import open_atlas
+
+P = SynthParams(n_cells=1500, n_peaks=3000, n_clusters=4, n_lineages=2, signal=0.4, seed=21)
+
+
+def dense_tfidf(X: np.ndarray, method: str, s: float = 1e4) -> np.ndarray:
+    """Each TF-IDF formula written out on a dense matrix (cells x peaks)."""
+    n = X.shape[0]
+    tf = X / X.sum(1, keepdims=True)
+    c = X.sum(0)
+    r = n / c
+    return {
+        "sccase": tf * np.log(r), "signac1": np.log1p(s * tf * r), "signac2": tf * np.log1p(r),
+        "signac3": np.log1p(s * tf) * np.log1p(r), "signac4": X * r, "muon": np.log1p(s * tf) * np.log1p(r),
+        "archr1": tf * np.log1p(r), "archr2": np.log1p(s * tf * r), "archr3": np.log1p(tf) * np.log1p(r),
+    }[method]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_tfidf_kernel_matches_formula(method):
+    rng = np.random.default_rng(0)
+    X = rng.poisson(0.4, (40, 25)).astype(float)
+    X[:, 0] += 1  # no empty rows or columns
+    X[0] += 1
+    got = tfidf_block(sp.csr_matrix(X), idf_from_counts(X.sum(0), 40, method), method).toarray()
+    np.testing.assert_allclose(got, dense_tfidf(X, method), rtol=1e-5, atol=1e-6)
+
+
+def test_selection_scores():
+    cnt = np.array([0, 5, 50, 3, 100, 20, 7, 1000])
+    assert top_accessible(cnt, 3).nonzero()[0].tolist() == [2, 4, 7]
+    v = episcanpy_variability(cnt, 1000)
+    assert v[0] == v[7] == 0.5 and v[4] > v[2] > v[1]
+    q = snapatac2_quantile(cnt, 10, lower=0.1, upper=0.1)
+    # nonzero counts sorted 3,5,7,20,50,100,1000: the 10% quantiles are 4.2 and 460
+    assert q.nonzero()[0].tolist() == [1, 2, 4, 5, 6]
+
+
+@pytest.fixture(scope="module")
+def atlas(tmp_path_factory, client):
+    out = tmp_path_factory.mktemp("pp") / "s.zarr"
+    synthesize(out, P, chunk_rows=400, client=client, progress=False)
+    return open_atlas(out, chunk_rows=400)
+
+
+def test_filters_select_and_tfidf_view(atlas, client):
+    X = generate_rows(P, 0, P.n_cells).toarray().astype(float)
+    pp.filter_cells(atlas, min_counts=900, client=client)
+    cells = X.sum(1) >= 900
+    assert (atlas.obs["pass_qc"].to_numpy() == cells).all()
+    pp.filter_peaks(atlas, min_cells=10, min_reads=2, client=client)
+    peaks = ((X[cells] >= 2).sum(0) >= 10)
+    assert (atlas.var["pass_qc"].to_numpy() == peaks).all()
+    pp.select_features(atlas, flavor="top", n_features=800, client=client)
+    sel = atlas.var["selected"].to_numpy()
+    open_cells = (X[cells] > 0).sum(0)
+    assert sel.sum() == 800 and (sel <= peaks).all()
+    assert open_cells[sel].min() >= open_cells[peaks & ~sel].max()
+    view = pp.tfidf(atlas, method="archr3", client=client)
+    got = np.vstack([view.blocks[i].compute().toarray() for i in range(view.numblocks[0])])
+    B = (X[cells][:, sel] > 0).astype(float)
+    np.testing.assert_allclose(got, dense_tfidf(B, "archr3"), rtol=1e-5, atol=1e-6)
+    for k in ("pass_qc", "selected", "idf"):
+        del_col = atlas.var.drop(columns=[k])
+        atlas._publish("var", del_col)
+    atlas._publish("obs", atlas.obs.drop(columns=["pass_qc"]))
+
+
+def test_lsi_subspace_matches_numpy_svd(atlas, client):
+    pp.tfidf(atlas, method="signac1", client=client)
+    tl.lsi(atlas, n_comps=10, drop_first=False, depth_corr_cutoff=None, scale_dims=False, n_iter=8)
+    X = generate_rows(P, 0, P.n_cells).toarray()
+    B = (X > 0).astype(float)
+    T = dense_tfidf(B[:, B.sum(0) > 0], "signac1")
+    U, s, _ = np.linalg.svd(T, full_matrices=False)
+    emb = atlas.read("obsm/X_lsi")
+    np.testing.assert_allclose(atlas.provenance()["lsi"]["result"]["singular_values"][:4], s[:4], rtol=1e-4)
+    # the leading subspace is the same: principal angles near zero
+    Q1 = np.linalg.qr(emb[:, :4])[0]
+    cos = np.linalg.svd(Q1.T @ U[:, :4], compute_uv=False)
+    assert cos.min() > 0.999
+
+
+def test_spectral_matches_dense_eigendecomposition(atlas, client):
+    tl.spectral(atlas, n_comps=6, n_iter=40, weighted_by_sd=False, keep_first=True)
+    X = generate_rows(P, 0, P.n_cells).toarray()
+    B = (X > 0).astype(float)
+    B = B[:, B.sum(0) > 0]
+    w = np.log(B.shape[0] / (1 + B.sum(0)))
+    Y = B * w
+    Y /= np.linalg.norm(Y, axis=1, keepdims=True)
+    S = Y @ Y.T
+    np.fill_diagonal(S, 0)
+    d = S.sum(1)
+    M = S / np.sqrt(np.outer(d, d))
+    ev, V = np.linalg.eigh(M)
+    order = np.argsort(-ev)[:6]
+    got = atlas.provenance()["spectral"]["result"]["eigenvalues"]
+    np.testing.assert_allclose(got[:4], ev[order][:4], rtol=1e-3)
+    emb = atlas.read("obsm/X_spectral")
+    cos = np.linalg.svd(np.linalg.qr(emb[:, :4])[0].T @ V[:, order[:4]], compute_uv=False)
+    assert cos.min() > 0.99
+
+
+def test_graph_clustering_recovers_types(atlas, client):
+    tl.spectral(atlas)
+    tl.neighbors(atlas, use_rep="X_spectral", n_neighbors=15)
+    res = tl.leiden(atlas, n_clusters=P.n_clusters)
+    tl.kmeans(atlas, P.n_clusters)
+    tl.umap(atlas)
+    obs = atlas.obs
+    truth = synth_obs(P)["celltype"]
+    assert res["n_clusters"] == P.n_clusters
+    assert tl.ari(truth, obs["leiden"].astype(str)) > 0.8
+    assert tl.ari(truth, obs["kmeans"].astype(str)) > 0.8
+    C = atlas.read("obsp/connectivities")
+    assert C.shape == (P.n_cells, P.n_cells) and abs(C - C.T).max() < 1e-6
+    assert atlas.read("obsm/X_umap").shape == (P.n_cells, 2)
+    with pytest.raises(ValueError, match="larger than"):
+        tl.leiden(atlas, n_clusters=P.n_cells + 1)
+
+
+def test_same_embedding_on_one_and_two_workers(atlas, client):
+    from distributed import Client, LocalCluster
+
+    tl.spectral(atlas, n_comps=8, n_iter=4, key_added="X_two")
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as lc, \
+            Client(lc):
+        tl.spectral(atlas, n_comps=8, n_iter=4, key_added="X_one")
+    client.as_current()
+    np.testing.assert_array_equal(atlas.read("obsm/X_one"), atlas.read("obsm/X_two"))
+
+
+def test_bad_parameters(atlas):
+    with pytest.raises(ValueError, match="unknown TF-IDF method 'tfidf9'.*signac1"):
+        pp.tfidf(atlas, method="tfidf9")
+    with pytest.raises(ValueError, match="flavor"):
+        pp.select_features(atlas, flavor="best")
+    with pytest.raises(ValueError, match="kmeans|between 1"):
+        tl.kmeans(atlas, P.n_cells + 5)
