@@ -1,9 +1,10 @@
 """Config-driven batch runs of stages over a store, resumable.
 
 A stage is a function ``fn(atlas, client, **params)`` that writes its results into the store
-and records its provenance under ``uns/scatac_dist/<name>``. :func:`run_stages` skips a
-stage whose recorded parameters equal the requested ones (GUIDE invariant 5), so re-running
-a pipeline after a crash continues where it stopped.
+and records its provenance. :func:`run_stages` records each completed stage's parameters in
+``uns/scatac_dist/pipeline_<name>`` and skips a stage whose recorded parameters equal the
+requested ones, until one stage has to run, after which all later stages run too (GUIDE
+invariant 5). Re-running a pipeline after a crash continues where it stopped.
 """
 
 from __future__ import annotations
@@ -36,8 +37,63 @@ def _qc(atlas: Atlas, client, progress: bool = True, **_):
     return calculate_qc_metrics(atlas, client=client, progress=progress)
 
 
-#: The stages available so far, by name; later issues add filtering, TF-IDF, LSI, clustering.
-STAGES: dict[str, Callable[..., Any]] = {"qc": _qc}
+def _step(fn_path: str):
+    """A stage calling ``scatac_dist.<fn_path>(atlas, **params)``, imported when run."""
+
+    def run(atlas: Atlas, client, progress: bool = True, **params):
+        import importlib
+
+        mod, _, name = fn_path.rpartition(".")
+        fn = getattr(importlib.import_module(f"scatac_dist.{mod}"), name)
+        if "client" in fn.__code__.co_varnames:
+            params = {**params, "client": client}
+        return fn(atlas, **params)
+
+    run.__name__ = fn_path
+    return run
+
+
+#: Every stage by name. ``run`` uses DEFAULT_RUN unless a config names others.
+STAGES: dict[str, Callable[..., Any]] = {
+    "qc": _qc,
+    "filter_cells": _step("pp.filter_cells"),
+    "filter_peaks": _step("pp.filter_peaks"),
+    "select_features": _step("pp.select_features"),
+    "tfidf": _step("pp.tfidf"),
+    "lsi": _step("tl.lsi"),
+    "spectral": _step("tl.spectral"),
+    "neighbors": _step("tl.neighbors"),
+    "leiden": _step("tl.leiden"),
+    "kmeans": _step("tl.kmeans"),
+    "umap": _step("tl.umap"),
+}
+
+#: The default pipeline of ``scatac-dist run``: stage name and parameters.
+DEFAULT_RUN: list[tuple[str, dict[str, Any]]] = [
+    ("qc", {}),
+    ("filter_cells", {"min_peaks": 1}),
+    ("select_features", {}),
+    ("tfidf", {}),
+    ("lsi", {}),
+    ("spectral", {}),
+    ("neighbors", {"use_rep": "X_spectral"}),
+    ("leiden", {}),
+    ("umap", {"use_rep": "X_spectral"}),
+]
+
+
+def default_stages(n_clusters: int | None = None, overrides: dict[str, dict] | None = None) -> list[Stage]:
+    """The default run; with ``n_clusters`` Leiden searches its resolution to that count and
+    k-means runs too. ``overrides`` maps stage names to parameter updates (from run.yaml)."""
+    overrides = overrides or {}
+    unknown = set(overrides) - set(STAGES)
+    if unknown:
+        raise ValueError(f"unknown stage(s) {sorted(unknown)} in the config; valid: {', '.join(STAGES)}")
+    plan = [(name, dict(params)) for name, params in DEFAULT_RUN]
+    if n_clusters is not None:
+        plan = [(n, {**p, "n_clusters": n_clusters} if n == "leiden" else p) for n, p in plan]
+        plan.insert(len(plan) - 1, ("kmeans", {"n_clusters": n_clusters}))
+    return [Stage(name, STAGES[name], {**params, **overrides.get(name, {})}) for name, params in plan]
 
 
 def run_stages(atlas: Atlas, stages: list[Stage], *, client=None, force: bool = False,
@@ -54,14 +110,18 @@ def run_stages(atlas: Atlas, stages: list[Stage], *, client=None, force: bool = 
     client = client or current_client()
     done = atlas.provenance()
     report = {}
+    rerun = force  # once a stage runs, every later stage runs too: its input changed
     for st in stages:
-        prev = done.get(st.name)
-        if not force and prev is not None and prev.get("params") == st.params:
+        prev = done.get(f"pipeline_{st.name}")
+        if not rerun and prev is not None and prev.get("params") == st.params:
             logger.info("stage %s: already done with these parameters; skipping", st.name)
             report[st.name] = {"skipped": True, "seconds": 0.0}
             continue
+        rerun = True
         t0 = time.perf_counter()
         logger.info("stage %s: running", st.name)
         st.fn(atlas, client, progress=progress, **st.params)
-        report[st.name] = {"skipped": False, "seconds": time.perf_counter() - t0}
+        seconds = time.perf_counter() - t0
+        atlas.record(f"pipeline_{st.name}", st.params, {"total": seconds})
+        report[st.name] = {"skipped": False, "seconds": seconds}
     return report

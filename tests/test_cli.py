@@ -41,3 +41,41 @@ def test_demo_runs_and_resumes(cluster, tmp_path):
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert "reusing it" in r.output and '"qc": {"skipped": true' in r.output
+
+
+def test_run_evaluate_plot(cluster, tmp_path):
+    """`run` fills the pipeline's slots and resumes; `evaluate` and `plot` read them."""
+    from scatac_dist.store import open_atlas
+
+    store = tmp_path / "s.zarr"
+    base = ["--scheduler", cluster.scheduler_address, "--no-progress"]
+    r = CliRunner().invoke(main, [*base, "synth", "-o", str(store), "--cells", "900", "--peaks", "1500",
+                                  "--clusters", "3", "--signal", "0.4", "--chunk-rows", "300"])
+    assert r.exit_code == 0, r.output
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text("lsi: {n_comps: 12}\nspectral: {n_comps: 12}\n")
+    r = CliRunner().invoke(main, [*base, "run", str(store), "--n-clusters", "3", "--config", str(cfg)])
+    assert r.exit_code == 0, r.output
+    atlas = open_atlas(store)
+    assert {"X_lsi", "X_spectral", "X_umap"} <= set(atlas.keys("obsm"))
+    assert {"connectivities", "distances"} <= set(atlas.keys("obsp"))
+    assert {"leiden", "kmeans", "pass_qc"} <= set(atlas.obs.columns)
+    assert atlas.provenance()["lsi"]["params"]["n_comps"] == 12
+    r = CliRunner().invoke(main, [*base, "run", str(store), "--n-clusters", "3", "--config", str(cfg)])
+    assert r.exit_code == 0 and r.output.count('"skipped": true') == 10
+
+    r = CliRunner().invoke(main, ["evaluate", str(store), "--truth", "celltype", "--pred", "kmeans"])
+    assert r.exit_code == 0, r.output
+    scores = json.loads(r.output)
+    assert scores["n_pred_clusters"] == 3 and scores["ari"] > 0.5
+    r = CliRunner().invoke(main, ["plot", str(store), "--color", "celltype", "-o", str(tmp_path / "u.png")])
+    assert r.exit_code == 0 and (tmp_path / "u.png").read_bytes()[:4] == b"\x89PNG"
+
+    # bad input: unknown stage, K too large, unknown column
+    cfg.write_text("lda: {n: 3}\n")
+    r = CliRunner().invoke(main, [*base, "run", str(store), "--config", str(cfg)])
+    assert r.exit_code != 0 and "unknown stage" in r.output
+    r = CliRunner().invoke(main, [*base, "run", str(store), "--n-clusters", "5000"])
+    assert r.exit_code != 0 and "between 1 and the 900 cells" in r.output
+    r = CliRunner().invoke(main, ["evaluate", str(store), "--truth", "nope", "--pred", "kmeans"])
+    assert r.exit_code != 0 and "no obs column 'nope'" in r.output

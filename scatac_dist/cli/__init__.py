@@ -253,5 +253,96 @@ def demo(ctx, outdir, force, chunk_rows, **kw):
     _run(go)
 
 
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--config", type=click.Path(exists=True, dir_okay=False),
+              help="YAML mapping stage names to parameters, e.g. {lsi: {n_comps: 50}}.")
+@click.option("--n-clusters", type=int, help="Search Leiden's resolution to K clusters and run k-means with K.")
+@click.option("--mod", help="Modality of a MuData store (default atac).")
+@click.option("--force", is_flag=True, help="Re-run stages already done with the same parameters.")
+@click.pass_obj
+def run(obj, store, config, n_clusters, mod, force):
+    """Run the default pipeline: QC, filter, feature selection, TF-IDF, LSI, spectral
+    embedding, neighbours, Leiden (and k-means with --n-clusters), UMAP. Resumable."""
+    from ..pipeline import default_stages, run_stages
+    from ..store import open_atlas
+
+    def go():
+        import yaml
+
+        atlas = open_atlas(store, mod=mod)
+        if n_clusters is not None and not 1 <= n_clusters <= atlas.n_obs:
+            raise click.BadParameter(f"must be between 1 and the {atlas.n_obs} cells", param_hint="--n-clusters")
+        overrides = yaml.safe_load(Path(config).read_text()) if config else {}
+        try:
+            stages = default_stages(n_clusters, overrides)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--config") from None
+        if atlas.nnz == 0:
+            raise click.ClickException(f"{store} holds no counts (nnz = 0); ingest a non-empty matrix")
+        report = run_stages(atlas, stages, client=obj.client(), force=force, progress=obj.progress)
+        click.echo(json.dumps(report, indent=1))
+        click.echo(_describe(store))
+
+    _run(go)
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--color", required=True, help="obs column to colour by.")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="PNG path (default STORE_umap_COLOR.png).")
+@click.option("--basis", default="X_umap", show_default=True)
+@click.option("--mod")
+def plot(store, color, output, basis, mod):
+    """Write a UMAP (or any 2-D obsm) scatter PNG coloured by an obs column."""
+    from .. import pl
+    from ..store import open_atlas
+
+    def go():
+        out = output or Path(f"{Path(store).with_suffix('')}_umap_{color.replace(' ', '_')}.png")
+        try:
+            png = pl.umap(open_atlas(store, mod=mod), out, color=color, basis=basis)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(f"wrote {png}")
+
+    _run(go)
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--truth", required=True, help="obs column with the true labels.")
+@click.option("--pred", required=True, help="obs column with the predicted clusters.")
+@click.option("--drop", multiple=True, help="Truth labels to leave out (e.g. --drop Mis).")
+@click.option("--mod")
+def evaluate(store, truth, pred, drop, mod):
+    """Print ARI, AMI, NMI, homogeneity, FMI and micro-F1 of PRED against TRUTH as JSON."""
+    import zarr
+
+    from ..store import open_atlas
+    from ..tl.metrics import evaluate as _evaluate
+
+    def go():
+        atlas = open_atlas(store, mod=mod)
+        obs = atlas.obs
+        if atlas.is_mudata:  # joined labels live in the root obs of a MuData store
+            from anndata.io import read_elem
+
+            root_obs = read_elem(zarr.open_group(str(atlas.path), mode="r")["obs"])
+            obs = pd_concat(obs, root_obs)
+        for key in (truth, pred):
+            if key not in obs:
+                raise click.ClickException(f"{store} has no obs column {key!r}; columns: {', '.join(obs.columns)}")
+        t = obs[truth].astype(object)
+        t[t.isin(drop)] = None
+        click.echo(json.dumps(_evaluate(t.to_numpy(), obs[pred].astype(str).to_numpy()), indent=1))
+
+    _run(go)
+
+
+def pd_concat(a, b):
+    return a.join(b[[c for c in b.columns if c not in a.columns]], how="left")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
