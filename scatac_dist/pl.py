@@ -11,6 +11,19 @@ from .store import Atlas
 __all__ = ["qc", "umap"]
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Save a figure as PNG atomically (written aside, then renamed) and close it."""
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.partial.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def qc(atlas: Atlas, path: str | Path) -> Path:
     """Histograms of counts and peaks per cell, and cells per peak.
 
@@ -38,13 +51,7 @@ def qc(atlas: Atlas, path: str | Path) -> Path:
         ax.set_ylabel("number")
         ax.set_title(f"{label}: median {np.median(v):.0f}")
     fig.suptitle(f"{atlas.path.name}: {atlas.n_obs:,} cells x {atlas.n_vars:,} peaks")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path)
 
 
 def umap(atlas: Atlas, path: str | Path, *, color: str, basis: str = "X_umap") -> Path:
@@ -80,10 +87,4 @@ def umap(atlas: Atlas, path: str | Path, *, color: str, basis: str = "X_umap") -
                         rasterized=True)
         fig.colorbar(sc, ax=ax, label=color)
     ax.set(xticks=[], yticks=[], xlabel=f"{basis}1", ylabel=f"{basis}2", title=f"{atlas.path.name}: {color}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    return _save(fig, path)
