@@ -18,7 +18,8 @@ from ..store import Atlas
 
 logger = logging.getLogger("scatac_dist")
 
-__all__ = ["neighbors", "leiden", "kmeans", "umap", "knn_graph", "leiden_labels"]
+__all__ = ["neighbors", "leiden", "kmeans", "umap", "knn_graph", "leiden_labels", "search_resolution",
+           "connectivities"]
 
 EXACT_MAX_CELLS = 20_000
 
@@ -52,7 +53,7 @@ def knn_graph(E: np.ndarray, k: int = 15, seed: int = 0) -> tuple[np.ndarray, np
     return idx[:, 1:], dist[:, 1:]
 
 
-def _connectivities(idx: np.ndarray, dist: np.ndarray, n: int) -> sp.csr_matrix:
+def connectivities(idx: np.ndarray, dist: np.ndarray, n: int) -> sp.csr_matrix:
     """UMAP's fuzzy simplicial set of the kNN graph (what scanpy stores as connectivities)."""
     from umap.umap_ import fuzzy_simplicial_set
 
@@ -76,7 +77,7 @@ def neighbors(atlas: Atlas, *, use_rep: str = "X_spectral", n_neighbors: int = 1
     idx, dist = knn_graph(E, n_neighbors, seed)
     n = E.shape[0]
     D = sp.csr_matrix((dist.ravel(), (np.repeat(np.arange(n), n_neighbors), idx.ravel())), shape=(n, n))
-    C = _connectivities(idx, dist, n)
+    C = connectivities(idx, dist, n)
     atlas.write_obsp("distances", _expand(D, ok))
     atlas.write_obsp("connectivities", _expand(C, ok))
     atlas.record("neighbors", dict(use_rep=use_rep, n_neighbors=n_neighbors, seed=seed),
@@ -98,6 +99,23 @@ def leiden_labels(graph: sp.spmatrix, resolution: float = 1.0, seed: int = 0) ->
     return np.asarray(part.membership)
 
 
+def search_resolution(graph: sp.spmatrix, n_clusters: int, *, seed: int = 0,
+                      max_steps: int = 30) -> tuple[float, np.ndarray]:
+    """Bisect Leiden's resolution (log scale, 0.01-10) for ``n_clusters`` clusters; return the
+    resolution and labels that came closest within ``max_steps``."""
+    lo, hi, best = np.log(0.01), np.log(10.0), None
+    for _ in range(max_steps):
+        res = float(np.exp((lo + hi) / 2))
+        lab = leiden_labels(graph, res, seed)
+        k = len(np.unique(lab))
+        if best is None or abs(k - n_clusters) < abs(best[1] - n_clusters):
+            best = (res, k, lab)
+        if k == n_clusters:
+            break
+        lo, hi = (np.log(res), hi) if k < n_clusters else (lo, np.log(res))
+    return best[0], best[2]
+
+
 def leiden(atlas: Atlas, *, resolution: float = 1.0, n_clusters: int | None = None, seed: int = 0,
            key_added: str = "leiden", max_steps: int = 30) -> dict:
     """Leiden clusters of ``obsp['connectivities']``.
@@ -115,17 +133,7 @@ def leiden(atlas: Atlas, *, resolution: float = 1.0, n_clusters: int | None = No
     if n_clusters is not None:
         if n_clusters > C.shape[0]:
             raise ValueError(f"n_clusters={n_clusters} is larger than the {C.shape[0]} cells")
-        lo, hi, best = np.log(0.01), np.log(10.0), None
-        for _ in range(max_steps):
-            res = float(np.exp((lo + hi) / 2))
-            lab = leiden_labels(C, res, seed)
-            k = len(np.unique(lab))
-            if best is None or abs(k - n_clusters) < abs(best[1] - n_clusters):
-                best = (res, k, lab)
-            if k == n_clusters:
-                break
-            lo, hi = (np.log(res), hi) if k < n_clusters else (lo, np.log(res))
-        resolution, _, lab = best
+        resolution, lab = search_resolution(C, n_clusters, seed=seed, max_steps=max_steps)
     else:
         lab = leiden_labels(C, resolution, seed)
     full = np.full(atlas.n_obs, None, dtype=object)
