@@ -510,6 +510,7 @@ def run_snapatac2(
     timeout: float | None = None,
     env: dict[str, str] | None = None,
     sample_interval: float = 0.1,
+    max_rss_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Run this script on ``input_path`` in a fresh Python process; return its ``result.json``.
 
@@ -535,6 +536,9 @@ def run_snapatac2(
         Sets ``RAYON_NUM_THREADS``, ``OMP_NUM_THREADS`` and friends in the child.
     python
         Interpreter with snapatac2 installed; this one by default.
+    max_rss_bytes
+        Kill the child once its process tree exceeds this RSS (before the kernel's OOM killer
+        takes the whole machine down) and raise ``CalledProcessError`` saying so.
 
     Raises
     ------
@@ -563,14 +567,29 @@ def run_snapatac2(
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env)
         sampler = RSSSampler(proc.pid, interval=sample_interval)
         sampler.start()
+        over = False
         try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            raise
+            while True:
+                try:
+                    rc = proc.wait(timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    if timeout is not None and time.perf_counter() - t0 > timeout:
+                        proc.kill()
+                        proc.wait()
+                        raise subprocess.TimeoutExpired(cmd, timeout) from None
+                    if max_rss_bytes is not None and sampler.peak > max_rss_bytes:
+                        over = True
+                        proc.kill()
+                        rc = proc.wait()
+                        break
         finally:
             sampler.stop()
+    if over:
+        raise subprocess.CalledProcessError(
+            rc, cmd, output=None,
+            stderr=f"stopped: process tree RSS {sampler.peak / 2**30:.1f} GiB exceeded the "
+                   f"{max_rss_bytes / 2**30:.1f} GiB limit")
     wall = time.perf_counter() - t0
     if rc != 0 or not result_file.exists():
         tail = log.read_text(errors="replace")[-4000:]

@@ -14,6 +14,8 @@ import dask
 import dask.array as da
 import numpy as np
 
+from ..ops.gram import gram_pass
+
 logger = logging.getLogger("scatac_dist")
 
 
@@ -30,6 +32,19 @@ def small_array(a: np.ndarray) -> da.Array:
         except ValueError:  # no distributed client: the local scheduler shares memory anyway
             pass
     return da.from_array(a, chunks=a.shape or (1,), name=False)
+
+
+def _shared(a: np.ndarray):
+    """``a`` as one object that many tasks refer to: a scattered future on a distributed
+    cluster, a single delayed key otherwise (never a copy per task)."""
+    from dask import delayed
+
+    try:
+        from distributed import default_client
+
+        return default_client().scatter(a, broadcast=False, hash=False)
+    except ValueError:
+        return delayed(a, pure=False)
 
 
 def _times(block, w):
@@ -54,86 +69,131 @@ def t_times(A: da.Array, Q: da.Array, split_every: int = 8) -> da.Array:
     return parts.sum(axis=0, split_every=split_every)
 
 
-def _qr(Y: da.Array) -> da.Array:
-    # tsqr needs every block to have at least as many rows as columns
-    nv = Y.shape[1]
-    if min(Y.chunks[0]) < nv:
-        Y = Y.rechunk({0: max(nv, max(Y.chunks[0]))})
-    Q, _ = da.linalg.tsqr(Y)
-    return Q
-
-
 def randomized_svd(A: da.Array, k: int, *, n_oversamples: int = 20, n_iter: int = 6,
-                   seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top ``k`` singular triplets of ``A`` (Halko et al. 2011, Alg. 4.4: subspace iteration).
+                   seed: int = 0, cache: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top ``k`` singular triplets of ``A`` by randomized subspace iteration on ``A A^T``
+    (Halko et al. 2011, Alg. 4.4, with the one-pass iterations of :func:`subspace_eigs`).
 
     Returns ``U`` (n x k, gathered: O(n k)), ``s`` (k,), ``Vt`` (k x m). Signs are fixed so
-    the largest-magnitude entry of each right singular vector is positive, which makes the
+    the largest-magnitude entry of each left singular vector is positive, which makes the
     output reproducible.
     """
     n, m = A.shape
-    nv = min(k + n_oversamples, n, m)
     if k > min(n, m):
         raise ValueError(f"asked for {k} components of a {n} x {m} matrix; use at most {min(n, m)}")
-    rng = np.random.default_rng(seed)
-    Z = rng.standard_normal((m, nv))
-    Q = _qr(times(A, Z))
-    for it in range(n_iter):
-        Z = np.linalg.qr(t_times(A, Q).compute())[0]
-        Q = _qr(times(A, Z))
-        logger.debug("randomized SVD: power iteration %d/%d", it + 1, n_iter)
-    Q = Q.persist()
-    Bt = t_times(A, Q).compute()  # m x nv  (= B.T with B = Q.T A)
-    Vb, s, Ubt = np.linalg.svd(Bt, full_matrices=False)  # Bt = Vb s Ubt  =>  B = Ubt.T s Vb.T
-    Ub = Ubt.T[:, :k]
-    Vt = Vb[:, :k].T
-    signs = np.sign(Vt[np.arange(k), np.abs(Vt).argmax(axis=1)])
-    signs[signs == 0] = 1
-    U = (Q @ small_array(Ub * signs)).compute()
-    return U, s[:k], Vt * signs[:, None]
+    evals, U, AtU = subspace_eigs(A, k, n_oversamples=n_oversamples, n_iter=n_iter, seed=seed, cache=cache)
+    s = np.sqrt(np.maximum(evals, 0))
+    Vt = (AtU / np.where(s > 0, s, 1)).T
+    return U, s, Vt
 
 
-def _minus_scaled(y, q, dinv):
-    return y - q * dinv
+def _tree_sum(parts: list, split_every: int = 8):
+    """Sum delayed arrays in a fixed tree: the order of additions depends only on the number
+    of parts, never on which worker finishes first."""
+    from dask import delayed
+
+    while len(parts) > 1:
+        parts = [delayed(_sum_list)(parts[i:i + split_every]) for i in range(0, len(parts), split_every)]
+    return parts[0]
 
 
-def symmetric_eigs(A: da.Array, dinv: np.ndarray, k: int, *, n_oversamples: int = 20, n_iter: int = 15,
-                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Leading (largest algebraic) eigenpairs of ``M = A A^T - diag(dinv)`` by randomized
-    subspace iteration.
+def _sum_list(xs):
+    out = xs[0].copy()
+    for x in xs[1:]:
+        out += x
+    return out
 
-    ``M`` is applied as ``A (A^T V) - dinv * V``: two passes over the sparse ``A`` per
-    iteration, never ``M`` itself. Iteration runs on ``M + max(dinv) I``, which is positive
-    semi-definite, so it converges to the largest eigenvalues of ``M`` rather than to
-    negative ones of large magnitude. A Rayleigh-Ritz step on the final subspace gives the
-    eigenvalues (descending) and eigenvectors (n x k, gathered), signs fixed so the
-    largest-magnitude entry of each eigenvector is positive.
+
+def _gram_step(block, T, Y_prev, Rinv, d):
+    """One pass over one row block of ``A``: ``Y = A T - d * Q`` with ``Q = Y_prev Rinv``,
+    plus this block's share of ``A^T Y``, ``Y^T Y`` and ``Y^T diag(d) Y`` (float64)."""
+    C = d * (Y_prev.astype(np.float64) @ Rinv) if Y_prev is not None else None
+    Y, P = gram_pass(block, T, C)
+    Y64 = Y.astype(np.float64)
+    return Y, P.astype(np.float64), Y64.T @ Y64, Y64.T @ (d * Y64)
+
+
+def _orthonormalizer(G: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
+    """``Rinv`` with ``(Y Rinv)^T (Y Rinv) = I`` from the Gram matrix ``G = Y^T Y``
+    (SVQB, Stathopoulos & Wu 2002). Directions with eigenvalue below ``rtol * max`` are
+    dropped, so a rank-deficient block does not blow up."""
+    lam, V = np.linalg.eigh((G + G.T) / 2)
+    keep = lam > rtol * max(lam.max(), 0.0)
+    return V[:, keep] / np.sqrt(lam[keep])
+
+
+def cache_fits(nnz: int) -> bool:
+    """Whether a float32 CSR view with ``nnz`` stored values fits the cache budget
+    (``scatac-dist.linalg.cache-bytes-per-worker`` times the number of workers)."""
+    from dask.utils import parse_bytes
+
+    from .._config import get
+
+    budget = parse_bytes(get("linalg.cache-bytes-per-worker", "2GiB"))
+    try:
+        from distributed import default_client
+
+        n_workers = max(len(default_client().scheduler_info()["workers"]), 1)
+    except ValueError:
+        n_workers = 1
+    return nnz * 8 <= budget * n_workers
+
+
+def subspace_eigs(A: da.Array, k: int, *, diag: np.ndarray | None = None, n_oversamples: int = 20,
+                  n_iter: int = 15, seed: int = 0, cache: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Leading eigenpairs of ``M = A A^T - diag(diag)`` by randomized subspace iteration,
+    one pass over the sparse ``A`` per iteration.
+
+    Each pass computes, block by block, ``Y = M' Q`` (``M' = M + shift I`` is positive
+    semi-definite, so iteration finds the largest algebraic eigenvalues of ``M``), and in
+    the same task that block's share of ``A^T Y`` and ``Y^T Y``. Orthonormalising ``Y`` by
+    its Gram matrix (SVQB) then gives both the next basis ``Q = Y R^-1`` and ``A^T Q`` for the
+    next product without reading ``A`` again: half the passes of the textbook loop. ``Y``
+    stays on the workers (n x nv); only m x nv and nv x nv matrices come back.
+
+    With ``cache`` the blocks of ``A`` are computed once and kept on the workers for the
+    solve (see :func:`cache_fits`); otherwise every pass recomputes them from the store.
+
+    Returns eigenvalues (descending), eigenvectors (n x k, gathered) and ``A^T V`` (m x k),
+    signs fixed so the largest-magnitude entry of each eigenvector is positive. Sums over
+    row blocks run in a fixed tree, so results do not depend on the number of workers.
     """
+    import scipy.linalg
+    from dask import delayed
+
     n, m = A.shape
     nv = min(k + n_oversamples, n)
-    rng = np.random.default_rng(seed)
-    dinv = np.asarray(dinv, np.float64)
-    shift = float(dinv.max()) if dinv.size else 0.0
-    d = da.from_array((dinv - shift)[:, None], chunks=(A.chunks[0], 1), name=False)
-
-    def apply(Q):
-        T = small_array(t_times(A, Q).compute())
-        return da.map_blocks(_minus_scaled, times(A, T), Q, d, dtype=np.float64)
-
-    Q = _qr(times(A, small_array(rng.standard_normal((m, nv)))))
-    for _ in range(n_iter):
-        Q = _qr(apply(Q)).persist()
-    T = t_times(A, Q).compute()
-    DQ = da.map_blocks(_minus_scaled, da.zeros_like(Q), Q, d, dtype=np.float64)  # -dinv * Q
-    H = T.T @ T + (Q.T @ DQ).compute()
-    H = (H + H.T) / 2 - shift * np.eye(nv)
-    evals, W = np.linalg.eigh(H)
+    bounds = np.concatenate([[0], np.cumsum(A.chunks[0])]).astype(int)
+    shift = float(diag.max()) if diag is not None and diag.size else 0.0
+    dvec = (np.zeros(n) if diag is None else np.asarray(diag, np.float64)) - shift
+    ds = [dvec[a:b, None] for a, b in zip(bounds[:-1], bounds[1:])]
+    if cache:
+        A = A.persist()
+    blocks = A.to_delayed().ravel()
+    T = np.random.default_rng(seed).standard_normal((m, nv))
+    Ys, Rinv = [None] * len(blocks), None
+    for it in range(n_iter + 1):
+        T_d, Rinv_d = _shared(T), (_shared(Rinv) if Rinv is not None else None)
+        steps = [delayed(_gram_step, nout=4)(b, T_d, y, Rinv_d, d) for b, y, d in zip(blocks, Ys, ds)]
+        Ys = [s[0] for s in steps]
+        P, G, E = _tree_sum([s[1] for s in steps]), _tree_sum([s[2] for s in steps]), _tree_sum([s[3] for s in steps])
+        Ys, P, G, E = dask.persist(Ys, P, G, E)
+        P, G, E = dask.compute(P, G, E)
+        Rinv = _orthonormalizer(G)
+        T = P @ Rinv
+        logger.debug("subspace iteration %d/%d", it, n_iter)
+    # Rayleigh-Ritz on Q = Y Rinv:  Q^T M Q = T^T T - Q^T diag Q,  diag = dvec + shift
+    S = Rinv.T @ G @ Rinv
+    H = T.T @ T - Rinv.T @ E @ Rinv - shift * S
+    H, S = (H + H.T) / 2, (S + S.T) / 2
+    evals, W = scipy.linalg.eigh(H, S)
     order = np.argsort(-evals)[:k]
     evals, W = evals[order], W[:, order]
-    V = (Q @ small_array(W)).compute()
+    C = Rinv @ W
+    V = np.concatenate(dask.compute(*[delayed(np.matmul)(y, C) for y in Ys]))
     signs = np.sign(V[np.abs(V).argmax(axis=0), np.arange(V.shape[1])])
     signs[signs == 0] = 1
-    return evals, V * signs
+    return evals, V * signs, (T @ W) * signs
 
 
 def col_sums(A: da.Array) -> np.ndarray:

@@ -13,11 +13,12 @@ import time
 import dask.array as da
 import numpy as np
 
+from ..ops.gram import cosine_rows
 from ..pp._views import view
 from ..pp.filter import cell_mask
 from ..pp.tfidf import binarized_view, selected_peaks, tfidf, tfidf_view
 from ..store import Atlas
-from ._linalg import col_sums, randomized_svd, small_array, symmetric_eigs
+from ._linalg import cache_fits, col_sums, randomized_svd, small_array, subspace_eigs
 
 logger = logging.getLogger("scatac_dist")
 
@@ -50,7 +51,7 @@ def lsi(atlas: Atlas, *, n_comps: int = 30, depth_corr_cutoff: float | None = 0.
         tfidf(atlas, client=client)
     A = tfidf_view(atlas)
     n_comps = min(n_comps, A.shape[0] - 1, A.shape[1] - 1)
-    U, s, Vt = randomized_svd(A, n_comps, n_iter=n_iter, seed=seed)
+    U, s, Vt = randomized_svd(A, n_comps, n_iter=n_iter, seed=seed, cache=cache_fits(atlas.nnz))
     emb = U * s
     cells = cell_mask(atlas)
     depth = np.log10(np.maximum(atlas.obs["total_counts"].to_numpy()[cells], 1)) \
@@ -77,23 +78,10 @@ def lsi(atlas: Atlas, *, n_comps: int = 30, depth_corr_cutoff: float | None = 0.
     return res
 
 
-def _weighted_unit_rows(block, w):
-    b = block.multiply(w[None, :]).tocsr()
-    norms = np.sqrt(np.asarray(b.multiply(b).sum(axis=1)).ravel())
-    b = b.multiply(1.0 / np.where(norms > 0, norms, 1.0)[:, None]).tocsr()
-    return b
-
-
 def _degree(unit_block, total):
     # similarity to all cells, less the self-similarity of 1 (SnapATAC2 zeroes the diagonal)
     deg = np.asarray(unit_block @ total).ravel() - 1.0
     return np.where(deg > 0, deg, np.inf)
-
-
-def _normalized_rows(block, w, total):
-    b = _weighted_unit_rows(block, w)
-    deg = np.asarray(b @ total).ravel() - 1.0
-    return b.multiply(1.0 / np.sqrt(np.where(deg > 0, deg, np.inf))[:, None]).tocsr()
 
 
 def spectral(atlas: Atlas, *, n_comps: int = 30, weighted_by_sd: bool = True, keep_first: bool = False,
@@ -101,14 +89,13 @@ def spectral(atlas: Atlas, *, n_comps: int = 30, weighted_by_sd: bool = True, ke
     """Matrix-free spectral embedding with cosine similarity, as SnapATAC2's ``tl.spectral``.
 
     Cells are binarised over the selected peaks, weighted by IDF ``log(n / (1 + c_j))`` and
-    scaled to unit length, so ``S = X X^T`` is their cosine similarity. With degrees
-    ``d = S 1 - 1`` (the diagonal excluded), the leading eigenvectors of
-    ``D^-1/2 S D^-1/2`` are the left singular vectors of ``A = D^-1/2 X``, found by a
-    randomized SVD of ``A`` without forming ``S``. (SnapATAC2 also removes the diagonal from
-    ``S``, which shifts eigenvalue ``i`` by a term of order ``1/d``; with the thousands of
-    neighbours of real data this is negligible and it does not change the eigenvectors'
-    ordering.) The first, trivial eigenvector is dropped; with ``weighted_by_sd`` the rest are
-    scaled by the square root of their eigenvalues (SnapATAC2's default).
+    scaled to unit length, so ``S = X X^T`` is their cosine similarity. SnapATAC2 zeroes the
+    diagonal of ``S``; with degrees ``d = S 1 - 1`` the embedding is the leading eigenvectors
+    of ``D^-1/2 (S - I) D^-1/2 = A A^T - D^-1`` with ``A = D^-1/2 X``, found by randomized
+    subspace iteration (:func:`scatac_dist.tl._linalg.subspace_eigs`) without forming ``S``:
+    one pass over the store per iteration. The first, trivial eigenvector is dropped; with
+    ``weighted_by_sd`` the rest are scaled by the square root of their eigenvalues
+    (SnapATAC2's default).
 
     Writes ``obsm[key_added]`` and ``uns/scatac_dist/spectral`` (eigenvalues).
     """
@@ -124,7 +111,8 @@ def spectral(atlas: Atlas, *, n_comps: int = 30, weighted_by_sd: bool = True, ke
     k = min(n_comps + (0 if keep_first else 1), n - 1, A.shape[1] - 1)
     deg = da.blockwise(_degree, "i", Xn, "ij", small_array(total), None, concatenate=True,
                        dtype=np.float64, meta=np.empty(0)).compute()
-    evals, evecs = symmetric_eigs(A, 1.0 / deg, k, n_iter=n_iter, seed=seed)
+    evals, evecs, _ = subspace_eigs(A, k, diag=1.0 / deg, n_iter=n_iter, seed=seed,
+                                    cache=cache_fits(atlas.nnz))
     if not keep_first:
         evecs, evals = evecs[:, 1:], evals[1:]
     if weighted_by_sd:
@@ -138,15 +126,9 @@ def spectral(atlas: Atlas, *, n_comps: int = 30, weighted_by_sd: bool = True, ke
     return res
 
 
-def _binarize(block):
-    b = block.astype(np.float64)
-    b.data[:] = 1.0
-    return b
-
-
 def _binarized_unit(block, w):
-    return _weighted_unit_rows(_binarize(block), w)
+    return cosine_rows(block, w)
 
 
 def _binarized_normalized(block, w, total):
-    return _normalized_rows(_binarize(block), w, total)
+    return cosine_rows(block, w, total)
