@@ -150,3 +150,25 @@ def test_bad_parameters(atlas):
         pp.select_features(atlas, flavor="best")
     with pytest.raises(ValueError, match="kmeans|between 1"):
         tl.kmeans(atlas, P.n_cells + 5)
+
+
+def test_kmeans_on_dask_ml_and_umap_transform_on_workers(atlas, client):
+    tl.spectral(atlas, n_comps=10)
+    tl.kmeans(atlas, P.n_clusters, backend="sklearn", key_added="km_sk")
+    res = tl.kmeans(atlas, P.n_clusters, backend="dask-ml", key_added="km_dask")
+    assert res["backend"] == "dask-ml"
+    truth = synth_obs(P)["celltype"]
+    obs = atlas.obs
+    assert tl.ari(truth, obs["km_dask"].astype(str)) > 0.8
+    assert tl.ari(obs["km_sk"].astype(str), obs["km_dask"].astype(str)) > 0.8
+    with pytest.raises(ValueError, match="backend"):
+        tl.kmeans(atlas, 3, backend="spark")
+    # fitted on 500 cells, the other 1000 placed by transform in blocks on the workers
+    tl.umap(atlas, fit_max_cells=500)
+    U = atlas.read("obsm/X_umap")
+    assert np.isfinite(U).all()
+    from sklearn.neighbors import KNeighborsClassifier
+
+    # placed cells sit among cells of their own type
+    acc = KNeighborsClassifier(5).fit(U[:500], truth[:500]).score(U[500:], truth[500:])
+    assert acc > 0.8

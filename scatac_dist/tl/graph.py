@@ -146,21 +146,48 @@ def leiden(atlas: Atlas, *, resolution: float = 1.0, n_clusters: int | None = No
 
 
 def kmeans(atlas: Atlas, n_clusters: int, *, use_rep: str = "X_spectral", n_init: int = 20, seed: int = 0,
+           backend: str = "auto", dask_above: int = 100_000, dask_n_init: int = 3,
            key_added: str = "kmeans") -> dict:
-    """k-means (scikit-learn, ``n_init`` restarts) on the gathered embedding; writes ``obs[key_added]``."""
-    from sklearn.cluster import KMeans
+    """k-means on the embedding; writes ``obs[key_added]``.
 
+    ``backend``: ``"sklearn"`` (scikit-learn, ``n_init`` restarts, on the gathered
+    embedding), ``"dask-ml"`` (dask-ml's k-means|| initialisation and Lloyd iterations as
+    Dask graphs over row blocks of the embedding, ``dask_n_init`` restarts; scales to any n), or
+    ``"auto"``: dask-ml above ``dask_above`` cells, scikit-learn below.
+    """
     t0 = time.perf_counter()
+    if backend not in ("auto", "sklearn", "dask-ml"):
+        raise ValueError(f"backend={backend!r}; choose 'auto', 'sklearn' or 'dask-ml'")
     E, ok = _embedding(atlas, use_rep)
     if not 1 <= n_clusters <= E.shape[0]:
         raise ValueError(f"n_clusters={n_clusters} must be between 1 and the {E.shape[0]} cells")
-    lab = KMeans(n_clusters, n_init=n_init, random_state=seed).fit_predict(E)
+    if backend == "auto":
+        backend = "dask-ml" if E.shape[0] > dask_above else "sklearn"
+    if backend == "dask-ml":
+        import dask.array as da
+        from dask_ml.cluster import KMeans as DaskKMeans
+
+        rows = max(10_000, -(-E.shape[0] // 16))
+        # dask-ml's tol is absolute, sklearn's relative to the data's variance: bring the
+        # embedding to unit scale (a global factor does not change the partition)
+        scale = float(E.std()) or 1.0
+        X = da.from_array(E / scale, chunks=(rows, E.shape[1])).persist()
+        best = None
+        for s in range(seed, seed + dask_n_init):  # dask-ml has no n_init: restart, keep the lowest inertia
+            model = DaskKMeans(n_clusters=n_clusters, random_state=s).fit(X)
+            if best is None or model.inertia_ < best.inertia_:
+                best = model
+        lab = np.asarray(best.labels_)
+    else:
+        from sklearn.cluster import KMeans
+
+        lab = KMeans(n_clusters, n_init=n_init, random_state=seed).fit_predict(E)
     full = np.full(atlas.n_obs, None, dtype=object)
     full[ok] = lab.astype(str)
     atlas.write_obs({key_added: pd.Categorical(full)})
-    atlas.record(key_added, dict(n_clusters=n_clusters, use_rep=use_rep, n_init=n_init, seed=seed),
-                 {"total": time.perf_counter() - t0})
-    return {"n_clusters": n_clusters}
+    atlas.record(key_added, dict(n_clusters=n_clusters, use_rep=use_rep, n_init=n_init, seed=seed,
+                                 backend=backend), {"total": time.perf_counter() - t0})
+    return {"n_clusters": n_clusters, "backend": backend}
 
 
 def _transform_in_parallel(model, E: np.ndarray, rows: int = 50_000) -> np.ndarray:
