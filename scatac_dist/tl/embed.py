@@ -85,7 +85,7 @@ def _degree(unit_block, total):
 
 
 def spectral(atlas: Atlas, *, n_comps: int = 30, weighted_by_sd: bool = True, keep_first: bool = False,
-             n_iter: int = 20, seed: int = 0, key_added: str = "X_spectral", client=None) -> dict:
+             n_iter: int = 20, n_oversamples: int = 20, seed: int = 0, key_added: str = "X_spectral", client=None) -> dict:
     """Matrix-free spectral embedding with cosine similarity, as SnapATAC2's ``tl.spectral``.
 
     Cells are binarised over the selected peaks, weighted by IDF ``log(n / (1 + c_j))`` and
@@ -111,7 +111,7 @@ def spectral(atlas: Atlas, *, n_comps: int = 30, weighted_by_sd: bool = True, ke
     k = min(n_comps + (0 if keep_first else 1), n - 1, A.shape[1] - 1)
     deg = da.blockwise(_degree, "i", Xn, "ij", small_array(total), None, concatenate=True,
                        dtype=np.float64, meta=np.empty(0)).compute()
-    evals, evecs, _ = subspace_eigs(A, k, diag=1.0 / deg, n_iter=n_iter, seed=seed,
+    evals, evecs, _ = subspace_eigs(A, k, diag=1.0 / deg, n_iter=n_iter, n_oversamples=n_oversamples, seed=seed,
                                     cache=cache_fits(atlas.nnz))
     if not keep_first:
         evecs, evals = evecs[:, 1:], evals[1:]
@@ -121,7 +121,7 @@ def spectral(atlas: Atlas, *, n_comps: int = 30, weighted_by_sd: bool = True, ke
     atlas.write_obsm(key_added, _full_rows(atlas, cells, evecs))
     res = {"eigenvalues": evals.tolist()}
     atlas.record("spectral", dict(n_comps=n_comps, weighted_by_sd=weighted_by_sd, keep_first=keep_first,
-                                  n_iter=n_iter, seed=seed,
+                                  n_iter=n_iter, n_oversamples=n_oversamples, seed=seed,
                                   key_added=key_added), {"total": time.perf_counter() - t0}, result=res)
     return res
 
