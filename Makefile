@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow lint bench-ingest clean
+.PHONY: install demo test test-slow lint bench-install bench-ingest bench-scaling bench-quality clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,8 +28,17 @@ test-slow: install
 lint: install
 	$(VENV)/bin/ruff check scatac_dist tests benchmarks
 
-bench-ingest: install
+bench-install: install
+	$(PY) -m pip install -q -e ".[bench]"
+
+bench-ingest: bench-install
 	$(PY) benchmarks/bench_ingest.py
+
+bench-scaling: bench-install
+	$(PY) benchmarks/bench_scaling.py
+
+bench-quality: bench-install
+	$(PY) benchmarks/bench_quality.py
 
 clean:
 	rm -rf out benchmarks/work .pytest_cache

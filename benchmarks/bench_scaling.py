@@ -50,7 +50,8 @@ MATCHED = ("select_features", "spectral", "neighbors", "leiden")
 
 class ProcessSampler(threading.Thread):
     """Samples every process of a tree: peak RSS per process, and per stage the peak of the
-    tree total and of the largest single process."""
+    tree total and of the largest single process. Roles: ``client`` (this process, which also
+    hosts the scheduler and the nannies of a LocalCluster), ``worker``, ``resource-tracker``."""
 
     def __init__(self, root: int, interval: float = 0.2):
         super().__init__(daemon=True)
@@ -70,9 +71,11 @@ class ProcessSampler(threading.Thread):
             cmd = " ".join(p.cmdline())
         except psutil.Error:
             return "?"
-        if "spawn_main" in cmd or "multiprocessing" in cmd:
-            parent = p.parent()
-            return "worker" if parent is not None and parent.pid != self.root.pid else "nanny"
+        if "resource_tracker" in cmd:
+            return "resource-tracker"
+        # LocalCluster's nannies are objects in the client process; each spawned child is a worker
+        if "spawn_main" in cmd:
+            return "worker"
         return "other"
 
     def sample(self):
@@ -237,6 +240,7 @@ def main(argv=None) -> None:
     ap.add_argument("--snap-timeout", type=float, default=3600.0)
     ap.add_argument("--snap-max-rss", type=float, default=20.0, help="GiB; SnapATAC2 is stopped beyond it")
     ap.add_argument("--no-snap", action="store_true")
+    ap.add_argument("--snap-sizes", type=int, nargs="+", help="sizes at which to run SnapATAC2 (default: all)")
     ap.add_argument("--report-only", action="store_true")
     ap.add_argument("--child", nargs=3, metavar=("STORE", "WORKERS", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -261,7 +265,7 @@ def main(argv=None) -> None:
                 _save(results)
                 print(f"  total {r['total_s']:.0f} s, tree peak {r['peak_rss_tree'] / GIB:.2f} GiB, "
                       f"largest process {r['peak_rss_max_process'] / GIB:.2f} GiB, ARI {r['quality']}", flush=True)
-            if snap_ok:
+            if snap_ok and (args.snap_sizes is None or n in args.snap_sizes):
                 print(f"SnapATAC2, {n} cells", flush=True)
                 r = run_snap(store, args.scratch, args.snap_timeout, args.snap_max_rss)
                 r.setdefault("n_cells", n)

@@ -50,7 +50,37 @@ def _step(fn_path: str):
         return fn(atlas, **params)
 
     run.__name__ = fn_path
+    run.target = fn_path
     return run
+
+
+def _target(fn: Callable[..., Any]) -> Callable[..., Any] | None:
+    import importlib
+
+    path = getattr(fn, "target", None)
+    if path is None:
+        return None
+    mod, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(f"scatac_dist.{mod}"), name)
+
+
+def validate(stages: list[Stage]) -> None:
+    """Check every stage's parameter names against its function, and the TF-IDF method, before
+    anything runs: a typo in run.yaml should fail in a second, not after an hour of LSI."""
+    import inspect
+
+    from .ops.tfidf import check_method
+
+    for st in stages:
+        fn = _target(st.fn)
+        if fn is not None:
+            sig = inspect.signature(fn)
+            valid = [p for p in sig.parameters if p not in ("atlas", "client")]
+            bad = sorted(set(st.params) - set(valid))
+            if bad:
+                raise ValueError(f"stage {st.name!r} has no parameter(s) {bad}; valid: {', '.join(valid)}")
+        if st.name == "tfidf" and "method" in st.params:
+            check_method(st.params["method"])
 
 
 #: Every stage by name. ``run`` uses DEFAULT_RUN unless a config names others.
@@ -93,7 +123,9 @@ def default_stages(n_clusters: int | None = None, overrides: dict[str, dict] | N
     if n_clusters is not None:
         plan = [(n, {**p, "n_clusters": n_clusters} if n == "leiden" else p) for n, p in plan]
         plan.insert(len(plan) - 1, ("kmeans", {"n_clusters": n_clusters}))
-    return [Stage(name, STAGES[name], {**params, **overrides.get(name, {})}) for name, params in plan]
+    stages = [Stage(name, STAGES[name], {**params, **overrides.get(name, {})}) for name, params in plan]
+    validate(stages)
+    return stages
 
 
 def run_stages(atlas: Atlas, stages: list[Stage], *, client=None, force: bool = False,

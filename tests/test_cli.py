@@ -79,3 +79,25 @@ def test_run_evaluate_plot(cluster, tmp_path):
     assert r.exit_code != 0 and "between 1 and the 900 cells" in r.output
     r = CliRunner().invoke(main, ["evaluate", str(store), "--truth", "nope", "--pred", "kmeans"])
     assert r.exit_code != 0 and "no obs column 'nope'" in r.output
+    # an unknown TF-IDF name or parameter fails before any stage runs, naming the valid ones
+    before = open_atlas(store).provenance()["pipeline_qc"]["finished_at"]
+    cfg.write_text("tfidf: {method: tfidf9}\n")
+    r = CliRunner().invoke(main, [*base, "run", str(store), "--config", str(cfg), "--force"])
+    assert r.exit_code != 0 and "unknown TF-IDF method 'tfidf9'" in r.output and "archr3" in r.output
+    cfg.write_text("lsi: {n_comp: 12}\n")
+    r = CliRunner().invoke(main, [*base, "run", str(store), "--config", str(cfg), "--force"])
+    assert r.exit_code != 0 and "no parameter(s) ['n_comp']" in r.output and "n_comps" in r.output
+    assert open_atlas(store).provenance()["pipeline_qc"]["finished_at"] == before
+
+
+def test_run_refuses_a_store_without_counts(cluster, tmp_path):
+    import numpy as np
+    import pandas as pd
+    import scipy.sparse as sp
+
+    store = tmp_path / "empty.zarr"
+    var = pd.DataFrame({"chr": ["chr1"] * 4, "start": [0, 600, 1200, 1800], "end": [500, 1100, 1700, 2300]},
+                       index=[f"chr1:{a}-{a + 500}" for a in (0, 600, 1200, 1800)])
+    ad.AnnData(sp.csr_matrix((3, 4), dtype=np.uint8), obs=pd.DataFrame(index=["a", "b", "c"]), var=var).write_zarr(store)
+    r = CliRunner().invoke(main, ["--scheduler", cluster.scheduler_address, "--no-progress", "run", str(store)])
+    assert r.exit_code != 0 and "holds no counts (nnz = 0)" in r.output
