@@ -357,7 +357,7 @@ def write_markdown(results: dict) -> None:
     block = (f"{start}\n## Scaling (`python benchmarks/bench_scaling.py`)\n\n"
              "Matched stages: our select_features + spectral + neighbors + leiden against SnapATAC2's "
              "select_features + spectral + knn + leiden. Memory: peak RSS summed over every process of "
-             "the run (client, nannies, workers; SnapATAC2: its process). Ratios are ours / SnapATAC2 "
+             "the run (client with the scheduler and nannies, and each worker; SnapATAC2: its process). Ratios are ours / SnapATAC2 "
              "from the same run.\n\n"
              f"{table}\n\nPer-stage wall time (s):\n\n{stages}\n{end}")
     if start in text:
