@@ -110,19 +110,12 @@ def main() -> None:
 
 
 def _results_block(table: str) -> None:
-    """Put the table in benchmarks/RESULTS.md between its quality markers."""
-    path = HERE / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start, end = "<!-- quality:start -->", "<!-- quality:end -->"
-    block = (f"{start}\n## Quality on real data (`python benchmarks/bench_quality.py`)\n\n"
-             "Same protocol for every embedding: k-means with k = number of labels (n_init 20, seed 0) "
-             "and Leiden on a 15-NN graph, resolution searched to k. SNARE: `cluster (remapped)` "
-             "without `Mis`.\n\n" + table + f"\n{end}")
-    if start in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
+    from results_md import replace_block
+
+    replace_block("quality", "## Quality on real data (`python benchmarks/bench_quality.py`)\n\n"
+                  "Same protocol for every embedding: k-means with k = number of labels (n_init 20, seed 0) "
+                  "and Leiden on a 15-NN graph, resolution searched to k. SNARE: `cluster (remapped)` "
+                  "without `Mis`.\n\n" + table)
 
 
 def plot(out: dict, path: Path) -> None:

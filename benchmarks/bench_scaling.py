@@ -215,7 +215,7 @@ def ensure_atlas(n: int, scratch: Path) -> Path:
         try:
             if sd.Atlas(store).n_obs == n:
                 return store
-        except Exception:
+        except Exception:  # a partial or unreadable store from an interrupted run: regenerate it
             pass
     with get_client(n_workers=2, threads_per_worker=1) as client:
         t = time.perf_counter()
@@ -351,22 +351,14 @@ def write_markdown(results: dict) -> None:
                      + " | ".join(_fmt(r["stages"][s]["seconds"], 1) for s in stage_names) + " |")
     table = "\n".join(rows)
     stages = "\n".join(srows)
-    path = HERE / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start, end = "<!-- scaling:start -->", "<!-- scaling:end -->"
-    block = (f"{start}\n## Scaling (`python benchmarks/bench_scaling.py`)\n\n"
-             "Matched stages: our select_features + spectral + neighbors + leiden against SnapATAC2's "
-             "select_features + spectral + knn + leiden. Memory: peak RSS summed over every process of "
-             "the run (client with the scheduler and nannies, and each worker; SnapATAC2: its process). Ratios are ours / SnapATAC2 "
-             "from the same run.\n\n"
-             f"{table}\n\nPer-stage wall time (s):\n\n{stages}\n{end}")
-    if start in text:
-        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from results_md import replace_block
+
+    replace_block("scaling", "## Scaling (`python benchmarks/bench_scaling.py`)\n\n"
+                  "Matched stages: our select_features + spectral + neighbors + leiden against SnapATAC2's "
+                  "select_features + spectral + knn + leiden. Memory: peak RSS summed over every process of "
+                  "the run (client with the scheduler and nannies, and each worker; SnapATAC2: its process). "
+                  "Ratios are ours / SnapATAC2 from the same run.\n\n"
+                  f"{table}\n\nPer-stage wall time (s):\n\n{stages}")
 
 
 if __name__ == "__main__":

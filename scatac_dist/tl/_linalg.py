@@ -20,17 +20,11 @@ logger = logging.getLogger("scatac_dist")
 
 
 def small_array(a: np.ndarray) -> da.Array:
-    """A one-chunk dask array of ``a``. Beyond 1 MB it is scattered to the cluster first, so
+    """A one-chunk dask array of ``a``. Beyond 1 MB it is shared first (:func:`_shared`), so
     graphs carry a reference rather than the data."""
     a = np.asarray(a)
     if a.nbytes > 1_000_000:
-        try:
-            from distributed import default_client
-
-            fut = default_client().scatter(a, broadcast=False, hash=False)
-            return da.from_delayed(fut, shape=a.shape, dtype=a.dtype)
-        except ValueError:  # no distributed client: the local scheduler shares memory anyway
-            pass
+        return da.from_delayed(_shared(a), shape=a.shape, dtype=a.dtype)
     return da.from_array(a, chunks=a.shape or (1,), name=False)
 
 
@@ -166,7 +160,8 @@ def subspace_eigs(A: da.Array, k: int, *, diag: np.ndarray | None = None, n_over
     bounds = np.concatenate([[0], np.cumsum(A.chunks[0])]).astype(int)
     shift = float(diag.max()) if diag is not None and diag.size else 0.0
     dvec = (np.zeros(n) if diag is None else np.asarray(diag, np.float64)) - shift
-    ds = [dvec[a:b, None] for a, b in zip(bounds[:-1], bounds[1:])]
+    # shared once: sent with every iteration's graph they cost ~10 MiB per pass at 1M cells
+    ds = [_shared(dvec[a:b, None]) for a, b in zip(bounds[:-1], bounds[1:])]
     if cache:
         A = A.persist()
     blocks = A.to_delayed().ravel()
