@@ -43,9 +43,12 @@ def test_selection_scores():
     assert top_accessible(cnt, 3).nonzero()[0].tolist() == [2, 4, 7]
     v = episcanpy_variability(cnt, 1000)
     assert v[0] == v[7] == 0.5 and v[4] > v[2] > v[1]
-    q = snapatac2_quantile(cnt, 10, lower=0.1, upper=0.1)
-    # nonzero counts sorted 3,5,7,20,50,100,1000: the 10% quantiles are 4.2 and 460
+    q = snapatac2_quantile(cnt, 10, lower=0.15, upper=0.15)
+    # 7 nonzero counts sorted 3,5,7,20,50,100,1000: int(0.15 * 7) = 1 dropped at each end
     assert q.nonzero()[0].tolist() == [1, 2, 4, 5, 6]
+    assert snapatac2_quantile(cnt, 3, lower=0.15, upper=0.15).nonzero()[0].tolist() == [2, 4, 5]
+    # ties at the cut: exactly int(q * n) go, lowest index first
+    assert snapatac2_quantile(np.array([2, 2, 2, 2, 9]), 10, lower=0.2, upper=0.2).nonzero()[0].tolist() == [1, 2, 3]
 
 
 @pytest.fixture(scope="module")

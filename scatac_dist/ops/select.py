@@ -27,14 +27,16 @@ def episcanpy_variability(n_cells_by_counts: np.ndarray, n_cells: int) -> np.nda
 
 def snapatac2_quantile(n_cells_by_counts: np.ndarray, n_features: int, lower: float = 0.005,
                        upper: float = 0.005, eligible: np.ndarray | None = None) -> np.ndarray:
-    """SnapATAC2 ``pp.select_features`` style: drop peaks with no counts, drop the lowest
-    ``lower`` and highest ``upper`` quantiles of accessibility, keep the ``n_features`` most
-    accessible of the rest."""
+    """SnapATAC2 ``pp.select_features``: drop peaks with no counts, rank the rest by
+    accessibility, drop the ``int(lower * n)`` least and ``int(upper * n)`` most accessible
+    (by rank, as SnapATAC2 does, so ties at the cut do not change how many go), keep the
+    ``n_features`` most accessible of the rest. Ties are ranked by index."""
     cnt = np.asarray(n_cells_by_counts, dtype=np.float64)
     ok = cnt > 0 if eligible is None else (cnt > 0) & eligible
-    vals = cnt[ok]
-    if vals.size == 0:
-        return ok
-    lo, hi = np.quantile(vals, lower), np.quantile(vals, 1 - upper)
-    ok &= (cnt >= lo) & (cnt <= hi)
-    return top_accessible(cnt, n_features, eligible=ok)
+    idx = np.flatnonzero(ok)
+    idx = idx[np.argsort(cnt[idx], kind="stable")]
+    n = idx.size
+    idx = idx[int(lower * n):n - int(upper * n)]
+    keep = np.zeros(len(cnt), bool)
+    keep[idx] = True
+    return top_accessible(cnt, n_features, eligible=keep)

@@ -18,7 +18,8 @@ from ..pp._views import view
 from ..pp.filter import cell_mask
 from ..pp.tfidf import binarized_view, selected_peaks, tfidf, tfidf_view
 from ..store import Atlas
-from ._linalg import cache_fits, col_sums, randomized_svd, small_array, subspace_eigs
+from ._linalg import cache_fits, col_sums, randomized_svd, small_array
+from ._lobpcg import lobpcg_eigs
 
 logger = logging.getLogger("scatac_dist")
 
@@ -85,15 +86,16 @@ def _degree(unit_block, total):
 
 
 def spectral(atlas: Atlas, *, n_comps: int = 30, weighted_by_sd: bool = True, keep_first: bool = False,
-             n_iter: int = 20, n_oversamples: int = 20, seed: int = 0, key_added: str = "X_spectral", client=None) -> dict:
+             n_iter: int = 20, n_oversamples: int = 10, seed: int = 0, key_added: str = "X_spectral", client=None) -> dict:
     """Matrix-free spectral embedding with cosine similarity, as SnapATAC2's ``tl.spectral``.
 
     Cells are binarised over the selected peaks, weighted by IDF ``log(n / (1 + c_j))`` and
     scaled to unit length, so ``S = X X^T`` is their cosine similarity. SnapATAC2 zeroes the
     diagonal of ``S``; with degrees ``d = S 1 - 1`` the embedding is the leading eigenvectors
-    of ``D^-1/2 (S - I) D^-1/2 = A A^T - D^-1`` with ``A = D^-1/2 X``, found by randomized
-    subspace iteration (:func:`scatac_dist.tl._linalg.subspace_eigs`) without forming ``S``:
-    one pass over the store per iteration. The first, trivial eigenvector is dropped; with
+    of ``D^-1/2 (S - I) D^-1/2 = A A^T - D^-1`` with ``A = D^-1/2 X``, found by block LOBPCG
+    (:func:`scatac_dist.tl._lobpcg.lobpcg_eigs`) without forming ``S``: one pass over the
+    store per iteration, at most ``n_iter`` iterations with a block of
+    ``n_comps + 1 + n_oversamples`` vectors. The first, trivial eigenvector is dropped; with
     ``weighted_by_sd`` the rest are scaled by the square root of their eigenvalues
     (SnapATAC2's default).
 
@@ -111,7 +113,7 @@ def spectral(atlas: Atlas, *, n_comps: int = 30, weighted_by_sd: bool = True, ke
     k = min(n_comps + (0 if keep_first else 1), n - 1, A.shape[1] - 1)
     deg = da.blockwise(_degree, "i", Xn, "ij", small_array(total), None, concatenate=True,
                        dtype=np.float64, meta=np.empty(0)).compute()
-    evals, evecs, _ = subspace_eigs(A, k, diag=1.0 / deg, n_iter=n_iter, n_oversamples=n_oversamples, seed=seed,
+    evals, evecs, _ = lobpcg_eigs(A, k, diag=1.0 / deg, n_iter=n_iter, n_oversamples=n_oversamples, seed=seed,
                                     cache=cache_fits(atlas.nnz))
     if not keep_first:
         evecs, evals = evecs[:, 1:], evals[1:]
