@@ -48,7 +48,8 @@ def protocol(E: np.ndarray, y: np.ndarray, seed: int = 0) -> dict:
     k = len(np.unique(y))
     km = KMeans(k, n_init=20, random_state=seed).fit_predict(E)
     idx, dist = knn_graph(E.astype(np.float32), 15, seed)
-    res, ld = search_resolution(connectivities(idx, dist, E.shape[0]), k, seed=seed)
+    # the protocol keeps leidenalg (the pipeline default is now igraph) so figures stay comparable
+    res, ld = search_resolution(connectivities(idx, dist, E.shape[0]), k, seed=seed, flavor="leidenalg")
     return {"kmeans_ari": ari(y, km), "kmeans_nmi": nmi(y, km), "leiden_ari": ari(y, ld),
             "leiden_nmi": nmi(y, ld), "leiden_resolution": res, "leiden_k": int(len(np.unique(ld)))}
 

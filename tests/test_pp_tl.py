@@ -133,6 +133,15 @@ def test_graph_clustering_recovers_types(atlas, client):
     assert atlas.read("obsm/X_umap").shape == (P.n_cells, 2)
     with pytest.raises(ValueError, match="larger than"):
         tl.leiden(atlas, n_clusters=P.n_cells + 1)
+    # both Leiden implementations, seeded: reproducible, and both find the types
+    from scatac_dist.tl.graph import as_igraph, leiden_labels
+
+    G = as_igraph(C)
+    a, b = leiden_labels(G, res["resolution"], seed=3), leiden_labels(C, res["resolution"], seed=3)
+    np.testing.assert_array_equal(a, b)
+    assert tl.ari(truth, leiden_labels(G, res["resolution"], seed=3, flavor="leidenalg")) > 0.8
+    with pytest.raises(ValueError, match="unknown Leiden flavor 'louvain'"):
+        leiden_labels(G, 1.0, flavor="louvain")
 
 
 def test_same_embedding_on_one_and_two_workers(atlas, client):
