@@ -2,7 +2,7 @@
 
 Each embedding (ours: ``X_spectral`` and ``X_lsi`` from the default pipeline; SnapATAC2:
 ``select_features`` + ``tl.spectral`` via ``benchmarks/snapatac2_runner.py``) is clustered
-with the same protocol: k-means with k = number of labels (n_init 20, seed 0) and Leiden
+with the same protocol: k-means with k = number of labels (n_init 20, seed 0) and Leiden (leidenalg)
 on a 15-NN UMAP-connectivity graph of that embedding, resolution searched to k. ARI and
 NMI against the published labels. SNARE uses ``cluster (remapped)`` without ``Mis``.
 
@@ -135,7 +135,7 @@ def _results_block(table: str) -> None:
 
     replace_block("quality", "## Quality on real data (`python benchmarks/bench_quality.py`)\n\n"
                   "Same protocol for every embedding: k-means with k = number of labels (n_init 20, seed 0) "
-                  "and Leiden on a 15-NN graph, resolution searched to k. SNARE: `cluster (remapped)` "
+                  "and Leiden (leidenalg) on a 15-NN graph, resolution searched to k. SNARE: `cluster (remapped)` "
                   "without `Mis`. The last two columns repeat both protocols with seeds 0-4 "
                   "(mean ± s.d.).\n\n" + table)
 
