@@ -7,6 +7,7 @@ stalls and LOBPCG must not.
 
 from __future__ import annotations
 
+import dask
 import dask.array as da
 import numpy as np
 import scipy.sparse as sp
@@ -32,7 +33,7 @@ def _operator(n=1500, m=800, seed=0):
     ev, V = np.linalg.eigh(M)
     order = np.argsort(-ev)
     blocks = [A[i:i + 400] for i in range(0, n, 400)]
-    lazy = da.concatenate([da.from_delayed(da.core.delayed(b), shape=b.shape, dtype=np.float32,
+    lazy = da.concatenate([da.from_delayed(dask.delayed(b), shape=b.shape, dtype=np.float32,
                                            meta=sp.csr_matrix((0, 0), dtype=np.float32)) for b in blocks])
     return lazy, d, ev[order], V[:, order], dense
 

@@ -45,26 +45,28 @@ def parabola_min(f, scale):
     return scale
 
 
+def ref_accept(loss_of, A, G, t, f):
+    """``max(A - t G, 0)``, halving ``t`` until the loss does not rise; ``A`` if it never does."""
+    for _ in range(11):
+        B = np.maximum(A - t * G, 0)
+        fb = loss_of(B)
+        if fb <= f:
+            return B, fb
+        t /= 2
+    return A, f
+
+
 def ref_run(X, Z, R, W, H, n_iter):
     losses = [ref_loss(X, Z, R, W, H)]
     for _ in range(n_iter):
         f = losses[-1]
-        for name in ("Z", "W"):
-            gW, _, gZ = ref_grads(X, Z, R, W, H)
-            if name == "Z":
-                t = parabola_min(lambda s: ref_loss(X, Z - s * gZ, R, W, H), 1e-6 / np.abs(gZ).max())
-                cand = lambda s: (np.maximum(Z - s * gZ, 0), W)  # noqa: E731
-            else:
-                t = parabola_min(lambda s: ref_loss(X, Z, R, W - s * gW, H), 1e-6 / np.abs(gW).max())
-                cand = lambda s: (Z, np.maximum(W - s * gW, 0))  # noqa: E731
-            for _ in range(11):  # halve a projected step that raised the loss
-                Zc, Wc = cand(t)
-                fc = ref_loss(X, Zc, R, Wc, H)
-                if fc <= f:
-                    Z, W, f = Zc, Wc, fc
-                    break
-                t /= 2
-        _, gH, _ = ref_grads(X, Z, R, W, H)
+        gZ = ref_grads(X, Z, R, W, H)[2]
+        t = parabola_min(lambda s, Z=Z, W=W, H=H, gZ=gZ: ref_loss(X, Z - s * gZ, R, W, H), 1e-6 / np.abs(gZ).max())
+        Z, f = ref_accept(lambda Zc, W=W, H=H: ref_loss(X, Zc, R, W, H), Z, gZ, t, f)
+        gW = ref_grads(X, Z, R, W, H)[0]
+        t = parabola_min(lambda s, Z=Z, W=W, H=H, gW=gW: ref_loss(X, Z, R, W - s * gW, H), 1e-6 / np.abs(gW).max())
+        W, f = ref_accept(lambda Wc, Z=Z, H=H: ref_loss(X, Z, R, Wc, H), W, gW, t, f)
+        gH = ref_grads(X, Z, R, W, H)[1]
         t = 0.2
         for _ in range(10):
             Hc = np.maximum(H - t * gH, 0)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["loss", "gradients", "step_w", "step_z", "SCCASEState", "iterate"]
+__all__ = ["loss", "gradients", "grad_w", "grad_h", "grad_z", "step_w", "step_z", "SCCASEState", "iterate"]
 
 
 def _sq(A: np.ndarray) -> float:
@@ -37,18 +37,34 @@ def loss(X, Z, R, W, H, lam: float, g1: float, g2: float) -> float:
     return (_sq(X @ (Z * R) - W @ H) + lam * _sq(Z - H.T @ H) + g1 * _sq(W) + g2 * _sq(H))
 
 
+def _residual(X, Z, R, W, H):
+    return X @ (Z * R) - W @ H
+
+
+def grad_w(X, Z, R, W, H, g1: float):
+    """``dF/dW`` of Eq. (5)."""
+    return -2 * _residual(X, Z, R, W, H) @ H.T + 2 * g1 * W
+
+
+def grad_h(X, Z, R, W, H, lam: float, g2: float):
+    """``dF/dH`` of Eq. (5)."""
+    return (-2 * W.T @ _residual(X, Z, R, W, H) - 2 * lam * H @ (Z + Z.T) + 4 * lam * H @ (H.T @ H)
+            + 2 * g2 * H)
+
+
+def grad_z(X, Z, R, W, H, lam: float):
+    """``dF/dZ`` of Eq. (5)."""
+    return 2 * (X.T @ _residual(X, Z, R, W, H)) * R + 2 * lam * (Z - H.T @ H)
+
+
 def gradients(X, Z, R, W, H, lam: float, g1: float, g2: float):
     """Eq. (5): ``dF/dW``, ``dF/dH``, ``dF/dZ``."""
-    E = X @ (Z * R) - W @ H                       # residual of the first term
-    dW = -2 * E @ H.T + 2 * g1 * W
-    dH = -2 * W.T @ E - 2 * lam * H @ (Z + Z.T) + 4 * lam * H @ (H.T @ H) + 2 * g2 * H
-    dZ = 2 * (X.T @ E) * R + 2 * lam * (Z - H.T @ H)
-    return dW, dH, dZ
+    return grad_w(X, Z, R, W, H, g1), grad_h(X, Z, R, W, H, lam, g2), grad_z(X, Z, R, W, H, lam)
 
 
 def step_w(X, Z, R, W, H, D, g1: float) -> float:
     """The ``delta`` minimising ``F(W - delta D)`` (Eq. 6)."""
-    E = X @ (Z * R) - W @ H
+    E = _residual(X, Z, R, W, H)
     DH = D @ H
     den = _sq(DH) + g1 * _sq(D)
     return 0.0 if den == 0 else (-float(np.vdot(E, DH)) + g1 * float(np.vdot(W, D))) / den
@@ -56,7 +72,7 @@ def step_w(X, Z, R, W, H, D, g1: float) -> float:
 
 def step_z(X, Z, R, W, H, D, lam: float) -> float:
     """The ``delta`` minimising ``F(Z - delta D)`` (Eq. 9-11)."""
-    E = X @ (Z * R) - W @ H
+    E = _residual(X, Z, R, W, H)
     XD = X @ (D * R)
     den = _sq(XD) + lam * _sq(D)
     return 0.0 if den == 0 else (float(np.vdot(E, XD)) + lam * float(np.vdot(Z - H.T @ H, D))) / den
@@ -97,13 +113,14 @@ def iterate(X, Z, R, W, H, *, lam: float = 1e6, g1: float = 1.0, g2: float = 1.0
     st.losses.append(f)
     for it in range(1, max_iter + 1):
         f_prev = f
-        _, _, dZ = gradients(X, st.Z, R, st.W, st.H, lam, g1, g2)
+        # each matrix's gradient at the iterate the previous update left
+        dZ = grad_z(X, st.Z, R, st.W, st.H, lam)
         st.Z, f = _projected(lambda Z_: loss(X, Z_, R, st.W, st.H, lam, g1, g2), st.Z, dZ,
                              step_z(X, st.Z, R, st.W, st.H, dZ, lam), max_halvings)
-        dW, _, _ = gradients(X, st.Z, R, st.W, st.H, lam, g1, g2)
+        dW = grad_w(X, st.Z, R, st.W, st.H, g1)
         st.W, f = _projected(lambda W_: loss(X, st.Z, R, W_, st.H, lam, g1, g2), st.W, dW,
                              step_w(X, st.Z, R, st.W, st.H, dW, g1), max_halvings)
-        _, dH, _ = gradients(X, st.Z, R, st.W, st.H, lam, g1, g2)
+        dH = grad_h(X, st.Z, R, st.W, st.H, lam, g2)
         delta = h_step
         for _ in range(max_backtracks):
             Hn = np.maximum(st.H - delta * dH, 0)

@@ -93,7 +93,8 @@ def as_igraph(graph: sp.spmatrix):
     built from numpy arrays (no Python lists: at 1M cells the graph has ~13M edges)."""
     import igraph as ig
 
-    g = sp.triu(sp.csr_matrix(graph) + sp.csr_matrix(graph).T, k=1).tocoo()
+    g = sp.csr_matrix(graph)
+    g = sp.triu(g + g.T, k=1).tocoo()
     G = ig.Graph(n=graph.shape[0], edges=np.column_stack([g.row, g.col]))
     G.es["weight"] = g.data
     return G
