@@ -154,3 +154,48 @@ def test_exact_mode_matches_independent_reference(problem):
     assert np.all(np.diff(st.losses) <= 0)
     assert st.losses[-1] < st.losses[0]
     assert (st.W >= 0).all() and (st.H >= 0).all() and (st.Z >= 0).all()
+
+
+def test_sccaser_reference_term_gradient_and_step():
+    """Eq. (3)/(13): alpha |P - W1|^2 on W's first k1 columns (the masks M and N of Eq. 13)."""
+    rng = np.random.default_rng(5)
+    m, n, k, k1, alpha = 9, 7, 4, 2, 2.5
+    X, Z, W, H = rng.random((m, n)), rng.random((n, n)), rng.random((m, k)), rng.random((k, n))
+    R = (rng.random((n, n)) < 0.8).astype(float)
+    Pm = rng.random((m, k1))
+    f = sccase.loss(X, Z, R, W, H, 3.0, 0.5, 0.7, P=Pm, alpha=alpha)
+    masked = (X @ (Z * R) - W @ H)
+    ref = (np.sum(masked ** 2) + 3.0 * np.sum((Z - H.T @ H) ** 2) + 0.5 * np.sum(W ** 2) + 0.7 * np.sum(H ** 2)
+           + alpha * np.sum((Pm - W[:, :k1]) ** 2))
+    assert f == pytest.approx(ref, rel=1e-12)
+    G = sccase.grad_w(X, Z, R, W, H, 0.5, P=Pm, alpha=alpha)
+    num = np.zeros_like(W)
+    for idx in np.ndindex(W.shape):
+        e = np.zeros_like(W)
+        e[idx] = 1e-6
+        num[idx] = (sccase.loss(X, Z, R, W + e, H, 3.0, 0.5, 0.7, P=Pm, alpha=alpha)
+                    - sccase.loss(X, Z, R, W - e, H, 3.0, 0.5, 0.7, P=Pm, alpha=alpha)) / 2e-6
+    np.testing.assert_allclose(G, num, rtol=1e-5, atol=1e-6 * np.abs(num).max())
+    t = sccase.step_w(X, Z, R, W, H, G, 0.5, P=Pm, alpha=alpha)
+    fl = lambda s: sccase.loss(X, Z, R, W - s * G, H, 3.0, 0.5, 0.7, P=Pm, alpha=alpha)  # noqa: E731
+    assert t > 0 and fl(t) < fl(0.99 * t) and fl(t) < fl(1.01 * t)
+    st = sccase.iterate(X, Z, R, W, H, lam=3.0, g1=0.5, g2=0.7, max_iter=5, tol=0, P=Pm, alpha=alpha)
+    assert np.all(np.diff(st.losses) <= 0) and st.losses[-1] < st.losses[0]
+    with pytest.raises(ValueError, match="reference projection"):
+        sccase.iterate(X, Z, R, W, H, P=rng.random((m + 1, k1)), alpha=1.0)
+
+
+def test_simplex_projection_against_a_brute_force_minimiser():
+    from scipy.optimize import minimize
+
+    rng = np.random.default_rng(2)
+    A = rng.normal(size=(6, 4))
+    P = sccase.simplex_columns(A)
+    np.testing.assert_allclose(P.sum(0), 1, rtol=1e-12)
+    assert (P >= 0).all()
+    np.testing.assert_allclose(sccase.simplex_columns(A.T, axis=1), P.T)
+    for c in range(A.shape[1]):
+        res = minimize(lambda x, c=c: np.sum((x - A[:, c]) ** 2), np.full(6, 1 / 6), method="SLSQP",
+                       bounds=[(0, None)] * 6, constraints={"type": "eq", "fun": lambda x: x.sum() - 1},
+                       options={"ftol": 1e-14})
+        np.testing.assert_allclose(P[:, c], res.x, atol=1e-6)

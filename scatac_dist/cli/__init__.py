@@ -289,6 +289,52 @@ def run(obj, store, config, n_clusters, mod, force):
 
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
+@click.option("--mode", type=click.Choice(["auto", "exact", "atlas"]), default="auto", show_default=True,
+              help="atlas: Z on each cell's nearest cells; exact: dense n x n (small data); auto: atlas unless "
+                   "there are at most k-neighbors + 1 cells.")
+@click.option("--k-neighbors", type=int, default=30, show_default=True, help="Atlas mode: neighbours per cell in Z.")
+@click.option("--support", type=click.Choice(["knn", "jaccard"]), default="knn", show_default=True,
+              help="Atlas mode: nearest cells in the NMF embedding re-ranked by Jaccard, or the exact "
+                   "top-k Jaccard (O(n^2)).")
+@click.option("--n-factors", type=int, help="K (default: Tracy-Widom estimate).")
+@click.option("--reference", type=click.Path(path_type=Path),
+              help="scCASER: a bulk matrix (CSV/TSV, peaks x samples) or, with --reference-labels, a labelled "
+                   "single-cell .h5ad/.zarr to pseudo-bulk.")
+@click.option("--reference-labels", metavar="KEY", help="scCASER: obs column of --reference to pseudo-bulk by.")
+@click.option("--self-reference", is_flag=True, help="scCASER: pseudo-bulk of the target's own Leiden clusters.")
+@click.option("--alpha", type=float, default=1.0, show_default=True, help="scCASER: weight of |P - W1|^2.")
+@click.option("--max-iter", type=int, default=30, show_default=True)
+@click.option("--enhanced-top", type=int, help="Keep only each cell's N largest enhanced values.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--mod", help="Modality of a MuData store (default atac).")
+@click.pass_obj
+def sccase(obj, store, mode, k_neighbors, support, n_factors, reference, reference_labels, self_reference, alpha,
+           max_iter, enhanced_top, seed, mod):
+    """scCASE / scCASER enhancement. Writes obsm['X_sccase'] (H^T), varm['sccase_W'],
+    layers['sccase'] (X Z) and obsm['X_sccase_pca'] (TF-IDF of X Z, 50 PCs)."""
+    from ..models import SCCASE
+    from ..store import open_atlas
+
+    def go():
+        atlas = open_atlas(store, mod=mod)
+        obj.client()
+        try:
+            m = SCCASE(n_factors=n_factors, mode=mode, k_neighbors=k_neighbors, support=support,
+                       reference=reference, reference_labels=reference_labels, self_reference=self_reference,
+                       alpha=alpha, max_iter=max_iter, enhanced_top=enhanced_top, seed=seed).fit(atlas)
+        except (ValueError, KeyError, FileNotFoundError) as exc:
+            raise click.ClickException(str(exc)) from None
+        r = m.result_
+        click.echo(json.dumps({k: r[k] for k in ("mode", "n_cells", "n_peaks", "n_factors", "n_ref_factors",
+                                                  "n_iter", "converged", "enhanced_nnz")}
+                              | {"loss_first": r["losses"][0], "loss_last": r["losses"][-1],
+                                 "seconds": m.timings_}, indent=1))
+
+    _run(go)
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
 @click.option("--color", required=True, help="obs column to colour by.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="PNG path (default STORE_umap_COLOR.png).")
 @click.option("--basis", default="X_umap", show_default=True)

@@ -12,6 +12,19 @@ printed Eq. (7)-(8) drop the derivative of ``g1 |W|^2``; we keep it, so the step
 exact minimiser of Eq. (6) as the paper defines it. ``H`` has quartic terms, so its step is
 found by backtracking from 0.2. Every update is projected onto ``>= 0``.
 
+**scCASER** (Eq. 3 and 13-14) adds ``alpha |P - W1|^2`` for a reference projection ``P``
+(m x k1, from NMF of the reference): ``W = [W1, W2]`` with ``W1`` its first ``k1`` columns,
+which is what the masks ``M`` (1 on W1's columns) and ``N = 1 - M`` of Eq. (13) select. Every
+function takes ``P=None, alpha=0`` and reduces to scCASE without them.
+
+**Z's columns sum to 1.** The paper defines ``Z`` as a similarity "in which each column sums
+to 1", but its updates only project onto ``Z >= 0``, and Eq. (2) then has the trivial
+minimum ``Z = 0, W = 0, H = 0``. ``z_simplex=True`` projects each column onto the
+probability simplex (:func:`simplex_columns`) instead; the default is the printed update.
+Measured on a 360-cell synthetic set (3 types, K = 4, 5 iterations), k-means ARI on the
+enhanced data: 0.85 with the printed update, 0.02 with the simplex (Z spreads evenly and
+``H`` goes to 0); so the option stays off.
+
 Projection after an exact step can still raise ``F``; the paper does not say what to do
 then. We halve that step until ``F`` does not rise (up to ``max_halvings`` times; else the
 matrix is left as it was), so the loss never increases. The authors' code also resamples
@@ -24,26 +37,37 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse as sp
 
-__all__ = ["loss", "gradients", "grad_w", "grad_h", "grad_z", "step_w", "step_z", "SCCASEState", "iterate"]
+__all__ = ["loss", "gradients", "grad_w", "grad_h", "grad_z", "step_w", "step_z", "SCCASEState", "iterate",
+           "simplex_columns"]
 
 
 def _sq(A: np.ndarray) -> float:
     return float(np.vdot(A, A))
 
 
-def loss(X, Z, R, W, H, lam: float, g1: float, g2: float) -> float:
-    """Eq. (2)."""
-    return (_sq(X @ (Z * R) - W @ H) + lam * _sq(Z - H.T @ H) + g1 * _sq(W) + g2 * _sq(H))
+def _ref_gap(W, P):
+    """``P - W1`` (``W1`` the first ``P.shape[1]`` columns of ``W``)."""
+    return P - W[:, :P.shape[1]]
+
+
+def loss(X, Z, R, W, H, lam: float, g1: float, g2: float, P=None, alpha: float = 0.0) -> float:
+    """Eq. (2); with ``P``, Eq. (3)/(13)."""
+    f = _sq(X @ (Z * R) - W @ H) + lam * _sq(Z - H.T @ H) + g1 * _sq(W) + g2 * _sq(H)
+    return f + (alpha * _sq(_ref_gap(W, P)) if P is not None else 0.0)
 
 
 def _residual(X, Z, R, W, H):
     return X @ (Z * R) - W @ H
 
 
-def grad_w(X, Z, R, W, H, g1: float):
-    """``dF/dW`` of Eq. (5)."""
-    return -2 * _residual(X, Z, R, W, H) @ H.T + 2 * g1 * W
+def grad_w(X, Z, R, W, H, g1: float, P=None, alpha: float = 0.0):
+    """``dF/dW`` of Eq. (5) (with ``P``: plus ``-2 alpha (P - W1)`` on W1's columns)."""
+    G = -2 * _residual(X, Z, R, W, H) @ H.T + 2 * g1 * W
+    if P is not None:
+        G[:, :P.shape[1]] -= 2 * alpha * _ref_gap(W, P)
+    return G
 
 
 def grad_h(X, Z, R, W, H, lam: float, g2: float):
@@ -57,17 +81,23 @@ def grad_z(X, Z, R, W, H, lam: float):
     return 2 * (X.T @ _residual(X, Z, R, W, H)) * R + 2 * lam * (Z - H.T @ H)
 
 
-def gradients(X, Z, R, W, H, lam: float, g1: float, g2: float):
+def gradients(X, Z, R, W, H, lam: float, g1: float, g2: float, P=None, alpha: float = 0.0):
     """Eq. (5): ``dF/dW``, ``dF/dH``, ``dF/dZ``."""
-    return grad_w(X, Z, R, W, H, g1), grad_h(X, Z, R, W, H, lam, g2), grad_z(X, Z, R, W, H, lam)
+    return (grad_w(X, Z, R, W, H, g1, P, alpha), grad_h(X, Z, R, W, H, lam, g2),
+            grad_z(X, Z, R, W, H, lam))
 
 
-def step_w(X, Z, R, W, H, D, g1: float) -> float:
+def step_w(X, Z, R, W, H, D, g1: float, P=None, alpha: float = 0.0) -> float:
     """The ``delta`` minimising ``F(W - delta D)`` (Eq. 6)."""
     E = _residual(X, Z, R, W, H)
     DH = D @ H
+    num = -float(np.vdot(E, DH)) + g1 * float(np.vdot(W, D))
     den = _sq(DH) + g1 * _sq(D)
-    return 0.0 if den == 0 else (-float(np.vdot(E, DH)) + g1 * float(np.vdot(W, D))) / den
+    if P is not None:
+        D1 = D[:, :P.shape[1]]
+        num -= alpha * float(np.vdot(_ref_gap(W, P), D1))
+        den += alpha * _sq(D1)
+    return 0.0 if den == 0 else num / den
 
 
 def step_z(X, Z, R, W, H, D, lam: float) -> float:
@@ -89,11 +119,28 @@ class SCCASEState:
     converged: bool = False
 
 
-def _projected(F, A, D, delta, max_halvings):
-    """``max(A - delta D, 0)`` with ``delta`` halved until ``F`` does not rise; ``A`` if never."""
+def simplex_columns(A: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Euclidean projection of each column (``axis=0``) or row (``axis=1``) of ``A`` onto
+    the probability simplex (Held, Wolfe and Crowder 1974; the sort-based algorithm)."""
+    V = A if axis == 0 else A.T
+    U = -np.sort(-V, axis=0)
+    css = np.cumsum(U, axis=0) - 1.0
+    ind = np.arange(1, V.shape[0] + 1)[:, None]
+    rho = np.count_nonzero(U - css / ind > 0, axis=0)          # the last index where it holds
+    theta = css[rho - 1, np.arange(V.shape[1])] / rho
+    out = np.maximum(V - theta[None, :], 0)
+    return out if axis == 0 else out.T
+
+
+def _nonneg(A):
+    return np.maximum(A, 0)
+
+
+def _projected(F, A, D, delta, max_halvings, project=_nonneg):
+    """``project(A - delta D)`` with ``delta`` halved until ``F`` does not rise; ``A`` if never."""
     f0 = F(A)
     for _ in range(max_halvings + 1):
-        B = np.maximum(A - delta * D, 0)
+        B = project(A - delta * D)
         f = F(B)
         if f <= f0:
             return B, f
@@ -103,28 +150,40 @@ def _projected(F, A, D, delta, max_halvings):
 
 def iterate(X, Z, R, W, H, *, lam: float = 1e6, g1: float = 1.0, g2: float = 1.0, max_iter: int = 100,
             tol: float = 1e-6, h_step: float = 0.2, h_shrink: float = 0.2, max_backtracks: int = 10,
-            max_halvings: int = 10, callback=None) -> SCCASEState:
+            max_halvings: int = 10, P=None, alpha: float = 0.0, z_simplex: bool = False,
+            callback=None) -> SCCASEState:
     """Minimise Eq. (2) from ``(W, H, Z)``: each iteration updates ``Z``, then ``W``, then
     ``H`` (the order of the authors' code). Stops when ``|F_prev - F| / F_prev < tol`` or
-    after ``max_iter`` iterations. ``callback(it, state)`` runs after every iteration."""
-    X, Z, R, W, H = (np.asarray(a, dtype=np.float64) for a in (X, Z, R, W, H))
+    after ``max_iter`` iterations. ``callback(it, state)`` runs after every iteration.
+    ``P``/``alpha``: scCASER's reference term (``W``'s first ``P.shape[1]`` columns are W1).
+    ``z_simplex``: project Z's columns onto the simplex (module docstring) rather than ``>= 0``."""
+    # X may stay sparse (every product with it is X @ dense or X.T @ dense)
+    X = X.astype(np.float64) if sp.issparse(X) else np.asarray(X, dtype=np.float64)
+    Z, R, W, H = (np.asarray(a, dtype=np.float64) for a in (Z, R, W, H))
+    if P is not None:
+        P = np.asarray(P, dtype=np.float64)
+        if P.shape[0] != W.shape[0] or P.shape[1] > W.shape[1]:
+            raise ValueError(f"reference projection P is {P.shape}; it needs {W.shape[0]} rows and at most "
+                             f"{W.shape[1]} columns (the factors of W)")
+    ref = dict(P=P, alpha=alpha)
     st = SCCASEState(W=W.copy(), H=H.copy(), Z=Z.copy())
-    f = loss(X, st.Z, R, st.W, st.H, lam, g1, g2)
+    f = loss(X, st.Z, R, st.W, st.H, lam, g1, g2, **ref)
     st.losses.append(f)
     for it in range(1, max_iter + 1):
         f_prev = f
         # each matrix's gradient at the iterate the previous update left
         dZ = grad_z(X, st.Z, R, st.W, st.H, lam)
-        st.Z, f = _projected(lambda Z_: loss(X, Z_, R, st.W, st.H, lam, g1, g2), st.Z, dZ,
-                             step_z(X, st.Z, R, st.W, st.H, dZ, lam), max_halvings)
-        dW = grad_w(X, st.Z, R, st.W, st.H, g1)
-        st.W, f = _projected(lambda W_: loss(X, st.Z, R, W_, st.H, lam, g1, g2), st.W, dW,
-                             step_w(X, st.Z, R, st.W, st.H, dW, g1), max_halvings)
+        st.Z, f = _projected(lambda Z_: loss(X, Z_, R, st.W, st.H, lam, g1, g2, **ref), st.Z, dZ,
+                             step_z(X, st.Z, R, st.W, st.H, dZ, lam), max_halvings,
+                             simplex_columns if z_simplex else _nonneg)
+        dW = grad_w(X, st.Z, R, st.W, st.H, g1, **ref)
+        st.W, f = _projected(lambda W_: loss(X, st.Z, R, W_, st.H, lam, g1, g2, **ref), st.W, dW,
+                             step_w(X, st.Z, R, st.W, st.H, dW, g1, **ref), max_halvings)
         dH = grad_h(X, st.Z, R, st.W, st.H, lam, g2)
         delta = h_step
         for _ in range(max_backtracks):
             Hn = np.maximum(st.H - delta * dH, 0)
-            fn = loss(X, st.Z, R, st.W, Hn, lam, g1, g2)
+            fn = loss(X, st.Z, R, st.W, Hn, lam, g1, g2, **ref)
             if fn <= f:
                 st.H, f = Hn, fn
                 break

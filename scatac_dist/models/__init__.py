@@ -1,0 +1,8 @@
+"""The published methods, as classes that read a store and write their outputs into it.
+
+``SCCASE`` (scCASE / scCASER, similarity-enhanced NMF).
+"""
+
+from .sccase import SCCASE
+
+__all__ = ["SCCASE"]
