@@ -155,7 +155,8 @@ def build_pattern(atlas: Atlas, *, min_cell_fraction: float = 0.01, norm: str = 
     try:
         spool = folder / "spool"
         spool.mkdir()
-        nnz = dask.compute(*[delayed(_block_pattern)(b, mk, peak_map, w, str(spool / f"{i:07d}"))
+        pm, ws = _shared(peak_map), _shared(w)
+        nnz = dask.compute(*[delayed(_block_pattern)(b, mk, pm, ws, str(spool / f"{i:07d}"))
                              for i, (b, mk) in enumerate(zip(blocks, masks))])
         total = int(sum(nnz))
         indices = np.lib.format.open_memmap(folder / "indices.npy", mode="w+", dtype=np.int32, shape=(total,))
