@@ -374,7 +374,7 @@ def report() -> None:
             spi = f"{np.mean(spi):.1f}" if spi else ""
             lines.append(f"| {key} | {str(r.get('status'))[:60]} | {r.get('seconds') or r.get('subprocess_wall_s') or 0:.0f} "
                          f"| {spi} | {r.get('peak_rss_max_process_gib') or 0:.2f} | {r.get('peak_rss_tree_gib') or 0:.2f} "
-                         f"| {r.get('kmeans_ari') if r.get('kmeans_ari') is not None else ''} |")
+                         f"| {format(r['kmeans_ari'], '.3f') if r.get('kmeans_ari') is not None else ''} |")
     (RESULTS / "sccase.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     from results_md import replace_block
