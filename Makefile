@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow lint bench-install bench-ingest bench-scaling bench-quality clean
+.PHONY: install demo test test-slow lint bench-install bench-ingest bench-scaling bench-quality bench-sccase-install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -39,6 +39,18 @@ bench-scaling: bench-install
 
 bench-quality: bench-install
 	$(PY) benchmarks/bench_quality.py
+
+# The authors' scCASE package (peer for benchmarks/sccase_runner.py) in a venv of its own: it
+# needs scipy < 1.14 (sparse .A) and episcanpy 0.3.x (0.4.0's episcanpy.api does not import).
+# No torch. Run the runner with $(SCCASE_VENV)/bin/python.
+SCCASE_VENV ?= benchmarks/work/sccase-venv
+bench-sccase-install:
+	test -x $(SCCASE_VENV)/bin/python || python3 -m venv $(SCCASE_VENV)
+	$(SCCASE_VENV)/bin/python -m pip install -q scCASE==0.2.5 episcanpy==0.3.2 \
+		numpy==1.26.4 scipy==1.13.1 pandas==2.2.2 anndata==0.10.8 scanpy==1.10.1 scikit-learn==1.5.0 \
+		louvain==0.8.2 igraph==0.10.8 leidenalg==0.10.1 kneed==0.8.5 numba==0.59.1 llvmlite==0.42.0 \
+		h5py==3.11.0 zarr==2.18.2 numcodecs==0.12.1 psutil==5.9.8
+	$(SCCASE_VENV)/bin/python -c "import scCASE, inspect; print('scCASE.run', inspect.signature(scCASE.run))"
 
 clean:
 	rm -rf out benchmarks/work .pytest_cache
