@@ -193,3 +193,20 @@ def test_cli_and_bad_input(store, client, tmp_path):
     pd.DataFrame({"s1": [1.0, 2.0]}, index=["chrX_1_2", "chrX_3_4"]).to_csv(ref, sep="\t")
     with pytest.raises(ValueError, match="shares none"):
         SCCASE(reference=str(ref), n_factors=3, max_iter=1).fit(path)
+
+
+@pytest.mark.slow
+def test_atlas_with_full_support_equals_exact_mode_on_bm0828(data_dir, client, tmp_path):
+    """The same check on the real 533-cell bm0828 set (all its 35,983 peaks pass the 1% rule)."""
+    from scatac_dist.io import ingest
+
+    folder = data_dir / "buenrostro2018_bm0828" / "filtered_peak_bc_matrix"
+    a = ingest(folder, tmp_path / "a.zarr", chunk_rows=200, client=client, progress=False).path
+    b = _copy(a, tmp_path, "b.zarr")
+    kw = dict(n_factors=8, max_iter=3, tol=0, seed=0)
+    ex = SCCASE(mode="exact", **kw).fit(a)
+    n = ex.H_.shape[1]
+    at = SCCASE(mode="atlas", k_neighbors=n - 1, **kw).fit(b)
+    np.testing.assert_allclose(at.result_["losses"], ex.result_["losses"], rtol=1e-7)
+    for got, want in ((at.W_, ex.W_), (at.H_, ex.H_), (support_matrix_dense(*at.Z_, n), ex.Z_[1].T)):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-9 * np.abs(want).max())
