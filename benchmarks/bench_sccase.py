@@ -331,13 +331,14 @@ def main(argv=None) -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[2000, 10000, 100000])
     ap.add_argument("--modes", nargs="+", default=["atlas", "exact"])
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--iters", type=int, default=5)
     a = ap.parse_args(argv)
     if a.section == "quality":
         quality(a.rest or None)
     elif a.section == "dropout":
         dropout()
     elif a.section == "scale":
-        scale(a.sizes, modes=a.modes, peer=not a.no_peer)
+        scale(a.sizes, iters=a.iters, modes=a.modes, peer=not a.no_peer)
     elif a.section == "scale-child":
         store, mode, out, k, iters, top = a.rest
         scale_child(store, mode, out, int(k), int(iters), int(top))

@@ -69,7 +69,8 @@ class SupportProblem:
 
     def __init__(self, pat: data.Pattern, nbr: np.ndarray, R: np.ndarray, *, lam: float, g1: float,
                  g2: float, P: np.ndarray | None, alpha: float):
-        self.pat, self.nbr, self.R = pat, np.ascontiguousarray(nbr, np.int64), R
+        # int32 indices and a uint8 mask: the client holds these n x (k+1) arrays all run long
+        self.pat, self.nbr, self.R = pat, np.ascontiguousarray(nbr, np.int32), np.asarray(R, np.uint8)
         self.lam, self.g1, self.g2, self.P, self.alpha = lam, g1, g2, P, alpha
         self.k1 = 0 if P is None else P.shape[1]
 
@@ -122,7 +123,6 @@ def iterate_support(prob: SupportProblem, Z, W, H, *, max_iter: int = 100, tol: 
         t0 = time.perf_counter()
         f_prev = f
         # --- Z: exact line search along the gradient sampled on the support, projected
-        ZR = Z * R
         D = 2 * R * (g - SAW) + 2 * lam * (Z - SH)
         DR = D * R
         qD, _ = prob.quad(DR, want_g=False)
@@ -137,6 +137,7 @@ def iterate_support(prob: SupportProblem, Z, W, H, *, max_iter: int = 100, tol: 
                 Z, q, g, f = Zn, qn, gn, fn
                 break
             delta /= 2
+        del D, DR, Zn, qn, gn
         ZR = Z * R
         ZRs = support_matrix(nbr, ZR)
         # --- W: exact line search
@@ -159,6 +160,7 @@ def iterate_support(prob: SupportProblem, Z, W, H, *, max_iter: int = 100, tol: 
                 W, f = Wn, fn
                 break
             delta /= 2
+        del V, XV, DW, Wn
         AW = data.times(prob.pat, W)
         # --- H: backtracking from h_step
         WtXZR = np.asarray(ZRs.T @ AW).T          # W^T X (Z o R), K x n
@@ -166,6 +168,7 @@ def iterate_support(prob: SupportProblem, Z, W, H, *, max_iter: int = 100, tol: 
         HE = np.asarray(Es.T @ Ht).T + np.asarray(Es @ Ht).T   # H (E + E^T)
         WtW = W.T @ W
         DH = -2 * WtXZR + 2 * WtW @ H - 2 * lam * HE + 2 * g2 * H
+        del Es, ZRs, ZR
         step = h_step
         for _ in range(max_backtracks):
             Hn = np.maximum(H - step * DH, 0)
