@@ -159,20 +159,19 @@ def build_pattern(atlas: Atlas, *, min_cell_fraction: float = 0.01, norm: str = 
         nnz = dask.compute(*[delayed(_block_pattern)(b, mk, pm, ws, str(spool / f"{i:07d}"))
                              for i, (b, mk) in enumerate(zip(blocks, masks))])
         total = int(sum(nnz))
-        indices = np.lib.format.open_memmap(folder / "indices.npy", mode="w+", dtype=np.int32, shape=(total,))
         lengths = np.empty(n, np.int64)
         w2 = np.empty(n, np.float64)
-        pos = row = 0
-        for i in range(len(blocks)):
-            ind = np.load(spool / f"{i:07d}.indices.npy")
-            ln = np.load(spool / f"{i:07d}.lengths.npy")
-            indices[pos:pos + len(ind)] = ind
-            lengths[row:row + len(ln)] = ln
-            w2[row:row + len(ln)] = np.load(spool / f"{i:07d}.w2.npy")
-            pos += len(ind)
-            row += len(ln)
-        indices.flush()
-        del indices
+        row = 0
+        # appended through a file handle, not a memory map: mapped pages written here would
+        # stay in the client's RSS for the rest of the run
+        with open(folder / "indices.npy", "wb") as fh:
+            np.lib.format.write_array_header_2_0(fh, {"descr": "<i4", "fortran_order": False, "shape": (total,)})
+            for i in range(len(blocks)):
+                fh.write(np.load(spool / f"{i:07d}.indices.npy").astype("<i4", copy=False).tobytes())
+                ln = np.load(spool / f"{i:07d}.lengths.npy")
+                lengths[row:row + len(ln)] = ln
+                w2[row:row + len(ln)] = np.load(spool / f"{i:07d}.w2.npy")
+                row += len(ln)
         np.save(folder / "indptr.npy", np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
         shutil.rmtree(spool)
     except BaseException:
