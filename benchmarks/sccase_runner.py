@@ -68,7 +68,8 @@ the imports. NumPy and BLAS release the GIL, so the sampler keeps running during
 package's dense algebra; ``sampler_max_gap_s`` says how long its longest stall was.
 ``ru_maxrss_children_bytes`` is not extra memory: scikit-learn's KMeans (through joblib/loky)
 runs ``lscpu`` to count physical cores, and that child's ``ru_maxrss`` is the size of the
-forked copy of this process just before it execs ``lscpu``.
+forked copy of this process just before it execs ``lscpu``. For the same reason the sampler
+skips a child whose command line is this process's own (a fork before its exec).
 
 Memory limit (``memory_limit``): ``--max-rss-gib G`` (default 0.85 x the machine's RAM;
 ``0``: none) makes the sampler a watchdog: above the limit it writes ``result.json`` with
@@ -148,15 +149,22 @@ _PARTS = {"load_data": "load_data", "select_peak": "select_peak", "tfidf": "tfid
 # --------------------------------------------------------------------------- memory
 
 
-def _tree_rss(proc: psutil.Process) -> int:
-    """Sum of the RSS of ``proc`` and its live descendants, in bytes."""
+def _tree_rss(proc: psutil.Process, cmdline: list[str] | None = None) -> int:
+    """Sum of the RSS of ``proc`` and its live descendants, in bytes.
+
+    A descendant with ``proc``'s own command line is a fork that has not exec'd yet (loky
+    forks this process to run ``lscpu``): its pages are this process's, shared copy-on-write,
+    and counting them would double the figure for an instant, so it is skipped.
+    """
     try:
-        members = [proc, *proc.children(recursive=True)]
+        rss = proc.memory_info().rss
+        children = proc.children(recursive=True)
     except psutil.Error:
         return 0
-    rss = 0
-    for p in members:
+    for p in children:
         try:
+            if cmdline is not None and p.cmdline() == cmdline:
+                continue
             rss += p.memory_info().rss
         except psutil.Error:
             continue
@@ -173,6 +181,7 @@ class MemoryWatch(threading.Thread):
                  signal_fd: int | None = None, on_signal: Any = None) -> None:
         super().__init__(name="sccase-rss", daemon=True)
         self._proc = psutil.Process()
+        self._cmdline = self._proc.cmdline()
         self.interval = interval
         self.limit_bytes = limit_bytes
         self._on_limit = on_limit
@@ -189,7 +198,7 @@ class MemoryWatch(threading.Thread):
         self._on_signal = on_signal
 
     def take(self) -> int:
-        rss = _tree_rss(self._proc)
+        rss = _tree_rss(self._proc, self._cmdline)
         now = time.perf_counter()
         with self._lock:
             self.max_gap = max(self.max_gap, now - self._t_last)
