@@ -335,6 +335,73 @@ def sccase(obj, store, mode, k_neighbors, support, n_factors, reference, referen
 
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
+@click.option("--n-clusters", type=int, help="Mixture components and k-means clusters (default: Tracy-Widom estimate).")
+@click.option("--quick", is_flag=True, help="Quick mode: encoder 1024-128 instead of 3200-1600-800-400.")
+@click.option("--nproc", type=int, default=1, show_default=True,
+              help="Training processes on this machine (DDP). Under torchrun or srun the job's ranks are used.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--max-iter", type=int, default=30_000, show_default=True, help="Most optimisation steps.")
+@click.option("--batch-size", type=int, default=32, show_default=True, help="Cells per step, over all processes.")
+@click.option("--lr-schedule", type=click.Choice(["constant", "paper"]), default="constant", show_default=True,
+              help="constant: --lr throughout; paper: --lr x 0.9 every 10 steps down to 2e-4 (the paper-era code).")
+@click.option("--lr", type=float, default=2e-3, show_default=True, help="(Initial) learning rate.")
+@click.option("--patience", type=int, default=10, show_default=True, help="Early stopping: epochs without improvement.")
+@click.option("--min-cells", type=int, default=5, show_default=True, help="Peak filter: cells with --min-reads reads.")
+@click.option("--min-reads", type=int, default=2, show_default=True)
+@click.option("--impute", is_flag=True, help="Write layers['scale_impute'] (dense, chunked) and layers['scale_binary'].")
+@click.option("--checkpoint-dir", type=click.Path(path_type=Path), help="Folder for checkpoints.")
+@click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Steps between checkpoints (0: none).")
+@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --checkpoint-dir.")
+@click.option("--model-out", type=click.Path(path_type=Path), help="Save the trained model to this folder.")
+@click.option("--log", "log_path", type=click.Path(path_type=Path), help="Append training metrics (JSON lines) here.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--mod", help="Modality of a MuData store (default atac).")
+@click.pass_obj
+def scale(obj, store, n_clusters, quick, nproc, device, max_iter, batch_size, lr_schedule, lr, patience, min_cells,
+          min_reads, impute, checkpoint_dir, checkpoint_every, resume, model_out, log_path, seed, mod):
+    """SCALE (VAE with a Gaussian-mixture prior). Writes obsm['X_scale'], obs['scale_gmm'],
+    obs['scale_kmeans'] (with --n-clusters), peak scores in var/varm, and with --impute the
+    imputed and binarised layers."""
+    from ..models import SCALE
+    from ..store import open_atlas
+    from ..train import DistEnv
+
+    def go():
+        env = DistEnv.from_environ()
+        if resume and not checkpoint_dir:
+            raise click.UsageError("--resume needs --checkpoint-dir")
+        if device == "cuda":
+            import torch
+
+            if not torch.cuda.is_available():
+                raise click.ClickException("--device cuda: no CUDA device is visible here; use --device cpu")
+        atlas = open_atlas(store, mod=mod)
+        if not env.distributed:  # under torchrun/srun every rank preprocesses with local threads
+            obj.client()
+        try:
+            m = SCALE(n_clusters=n_clusters, quick=quick, nproc=nproc, device=device, max_iter=max_iter,
+                      batch_size=batch_size, lr_schedule=lr_schedule, lr=lr, patience=patience, min_cells=min_cells,
+                      min_reads=min_reads, impute=impute, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+                      checkpoint_every=checkpoint_every, resume=resume, seed=seed, progress=obj.progress,
+                      log_path=str(log_path) if log_path else None).fit(atlas)
+        except (ValueError, KeyError, FileNotFoundError) as exc:
+            raise click.ClickException(str(exc)) from None
+        if env.rank != 0:
+            return
+        if model_out:
+            m.save(model_out)
+        s = m.summary_
+        click.echo(json.dumps({"n_clusters": m.n_clusters_, "steps": s["steps"], "epochs": s["epochs"],
+                               "stopped_early": s["stopped_early"], "world_size": s["world_size"],
+                               "cells_per_s": s["cells_per_s"],
+                               "loss_last": s["history"][-1] if s["history"] else None,
+                               "seconds": m.timings_}, indent=1))
+
+    _run(go)
+
+
+@main.command()
+@click.argument("store", type=click.Path(path_type=Path))
 @click.option("--color", required=True, help="obs column to colour by.")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="PNG path (default STORE_umap_COLOR.png).")
 @click.option("--basis", default="X_umap", show_default=True)

@@ -3,6 +3,7 @@
 ``SCCASE`` (scCASE / scCASER, similarity-enhanced NMF).
 """
 
+from .scale import SCALE
 from .sccase import SCCASE
 
-__all__ = ["SCCASE"]
+__all__ = ["SCALE", "SCCASE"]

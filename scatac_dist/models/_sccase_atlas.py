@@ -81,6 +81,7 @@ class SupportProblem:
         parts = [delayed(_quad_task, nout=2)(str(pat.folder), s, w, self.nbr[lo:hi], V[lo:hi], want_g)
                  for lo, hi in pat.blocks()]
         res = dask.compute(*parts)
+        data.release_pages()  # whatever the client touched of the mapped pattern leaves its RSS
         q = np.concatenate([r[0] for r in res])
         g = np.concatenate([r[1] for r in res]) if want_g else None
         return q, g

@@ -117,6 +117,23 @@ def open_pattern(folder: str):
     return _OPEN[folder]
 
 
+def release_pages() -> None:
+    """Drop this process's resident pages of the mapped patterns.
+
+    A shared read-only mapping keeps every page it has touched in the process's RSS (as
+    file-backed memory) for as long as it is mapped: at 1M cells the client showed 3.1 GB of
+    ``indices.npy`` resident during the iterations. ``MADV_DONTNEED`` unmaps the pages from
+    this process only; the data stays in the page cache and faults back in when read.
+    """
+    import mmap
+
+    for arrays in _OPEN.values():
+        for a in arrays:
+            mm = getattr(a, "_mmap", None)
+            if mm is not None and hasattr(mm, "madvise"):
+                mm.madvise(mmap.MADV_DONTNEED)
+
+
 def build_pattern(atlas: Atlas, *, min_cell_fraction: float = 0.01, norm: str = "l2",
                   scratch: str | Path | None = None, chunk: int | None = None) -> Pattern:
     """Apply the 1% rule over the used cells (``obs['pass_qc']``) and write the pattern.

@@ -182,12 +182,14 @@ class SCCASE:
             if P is not None:
                 W[:, :k1] = P
             t["init_nmf"] = time.perf_counter() - t1
+            data.release_pages()
             t1 = time.perf_counter()
             if mode == "exact":
                 st, nbr, Zv = self._run_exact(pat, W, H, P)
             else:
                 st, nbr, Zv = self._run_atlas(pat, W, H, P)
             t["iterations"] = time.perf_counter() - t1
+            data.release_pages()
             t1 = time.perf_counter()
             n_stored = self._write(atlas, pat, st, nbr, Zv)
             t["write"] = time.perf_counter() - t1

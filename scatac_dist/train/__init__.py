@@ -1,0 +1,17 @@
+"""The training stack of the neural models (SCALE, scMVP): data streamed from the store,
+DDP launch, checkpoints and the training loop.
+
+* :mod:`.data` - :class:`StoreRows` reads row chunks; :class:`ShardedStream` plans epochs
+  (disjoint chunk shards per rank, seeded shuffles, sparse batches densified on the device).
+* :mod:`.dist` - :class:`DistEnv` (torchrun / SLURM / single), :func:`launch` (local ranks).
+* :mod:`.checkpoint` - atomic checkpoints and resume.
+* :mod:`.trainer` - :func:`fit`, the loop: Adam, clipping, early stopping, bf16 on GPU.
+"""
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import ShardedStream, SparseBatch, StoreRows
+from .dist import DistEnv, cleanup, init_process_group, launch
+from .trainer import TrainConfig, fit, step_generator
+
+__all__ = ["StoreRows", "ShardedStream", "SparseBatch", "DistEnv", "init_process_group", "launch", "cleanup",
+           "TrainConfig", "fit", "step_generator", "save_checkpoint", "load_checkpoint", "latest_checkpoint"]

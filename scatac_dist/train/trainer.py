@@ -1,0 +1,204 @@
+"""The training loop shared by the neural models (SCALE, scMVP): DDP, early stopping,
+gradient clipping, mixed precision, checkpoints and logging.
+
+A module to train is any ``nn.Module`` whose ``forward(x, cols=, offsets=, values=,
+generator=g, step=t)`` returns the batch's mean loss: ``x`` is the dense batch, ``cols`` /
+``offsets`` / ``values`` the same batch in CSR pieces (for a sparse first layer), ``t`` lets it
+schedule (e.g. a KL warm-up), and ``g`` is a ``torch.Generator`` seeded by ``(seed, step, rank)``, so the noise of
+every step is the same in a resumed run as in an uninterrupted one.
+
+Stopping (SCALE's rule): at most ``max_iter`` optimisation steps, and early stopping when the
+epoch's mean loss has not improved for ``patience`` epochs. The epoch loss is reduced over
+all ranks, so every rank stops at the same step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .data import ShardedStream
+from .dist import DistEnv
+
+logger = logging.getLogger("scatac_dist")
+
+__all__ = ["TrainConfig", "fit", "step_generator"]
+
+
+@dataclass
+class TrainConfig:
+    """Options of :func:`fit`.
+
+    ``batch_size`` is the global batch (split over the ranks). ``checkpoint_every`` steps
+    (0: never) a checkpoint goes to ``checkpoint_dir``; ``resume`` continues from its newest.
+    ``amp`` (default: on for CUDA) runs the forward pass in bfloat16 autocast.
+    The learning rate of step ``t`` is ``max(lr * lr_decay ** (t // lr_decay_every), lr_min)``
+    (constant with the default ``lr_decay = 1``).
+    """
+
+    batch_size: int = 32
+    max_iter: int = 30_000
+    lr: float = 2e-4
+    lr_decay: float = 1.0
+    lr_decay_every: int = 10
+    lr_min: float = 0.0
+    weight_decay: float = 5e-4
+    patience: int = 10
+    clip_norm: float = 10.0
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool | None = None
+    checkpoint_dir: str | None = None
+    checkpoint_every: int = 0
+    resume: bool = False
+    log_path: str | None = None
+    log_every: int = 100
+    progress: bool = True
+    buffer_chunks: int = 4
+    extra: dict = field(default_factory=dict)
+
+
+def step_generator(device: torch.device, seed: int, step: int, rank: int) -> torch.Generator:
+    """The generator of one step's noise: a function of (seed, step, rank) only."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step) * 4099 + rank)
+    return g
+
+
+def _allreduce(values: list[float], env: DistEnv, device) -> list[float]:
+    if not env.distributed:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def fit(module: nn.Module, stream: ShardedStream, cfg: TrainConfig, env: DistEnv | None = None) -> dict:
+    """Train ``module`` on ``stream`` in this process (one rank of the job when ``env`` is distributed).
+
+    Returns a summary: ``history`` (per-epoch mean loss), ``steps``, ``epochs``,
+    ``stopped_early``, ``train_seconds`` and ``cells_per_s`` (cells over all ranks, per second
+    of this run's training, excluding set-up).
+    """
+    env = env or DistEnv()
+    device = torch.device(cfg.device)
+    module.to(device)
+    model = module
+    if env.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(module, device_ids=[device.index] if device.type == "cuda" else None)
+    # a module may exempt parameters from weight decay (e.g. a prior's means and variances)
+    exempt = set(module.no_weight_decay()) if hasattr(module, "no_weight_decay") else set()
+    groups = [{"params": [p for n, p in module.named_parameters() if n not in exempt]}]
+    if exempt:
+        groups.append({"params": [p for n, p in module.named_parameters() if n in exempt], "weight_decay": 0.0})
+    # fused: one kernel for all parameters (5x faster than the per-tensor loop on CPU, measured)
+    opt = torch.optim.Adam(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type in ("cpu", "cuda"))
+    amp = (device.type == "cuda") if cfg.amp is None else cfg.amp
+    st = {"step": 0, "epoch": 0, "step_in_epoch": 0, "best": math.inf, "bad_epochs": 0,
+          "epoch_sum": 0.0, "epoch_n": 0.0, "history": [], "stopped_early": False}
+    if cfg.resume:
+        if not cfg.checkpoint_dir:
+            raise ValueError("resume needs a checkpoint folder (--checkpoint-dir)")
+        ck = load_checkpoint(cfg.checkpoint_dir)
+        module.load_state_dict(ck["module"])
+        opt.load_state_dict(ck["optimizer"])
+        st.update(ck["trainer"])
+        if env.rank != 0:  # the partial epoch sum was reduced into rank 0's copy
+            st["epoch_sum"], st["epoch_n"] = 0.0, 0.0
+        logger.info("resumed from step %d (epoch %d)", st["step"], st["epoch"])
+    log = open(cfg.log_path, "a") if (cfg.log_path and env.rank == 0) else None  # noqa: SIM115
+    bar = None
+    if cfg.progress and env.rank == 0:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=cfg.max_iter, initial=st["step"], desc="train", unit="step", smoothing=0.1)
+    start_step, t0 = st["step"], time.perf_counter()
+    steps_per_epoch = stream.steps_per_epoch
+
+    def checkpoint():
+        s_sum, s_n = _allreduce([st["epoch_sum"], st["epoch_n"]], env, device)
+        if env.rank == 0:
+            trainer = {**st, "epoch_sum": s_sum, "epoch_n": s_n}
+            save_checkpoint(cfg.checkpoint_dir, {"module": module.state_dict(), "optimizer": opt.state_dict(),
+                                                 "trainer": trainer, "config": asdict(cfg)}, st["step"])
+        if env.distributed:
+            dist.barrier()
+
+    try:
+        model.train()
+        while st["step"] < cfg.max_iter and not st["stopped_early"]:
+            for batch in stream.epoch(st["epoch"], start_step=st["step_in_epoch"]):
+                inputs = batch.to_device(device)
+                g = step_generator(device, cfg.seed, st["step"], env.rank)
+                if cfg.lr_decay != 1.0:
+                    lr = max(cfg.lr * cfg.lr_decay ** (st["step"] // cfg.lr_decay_every), cfg.lr_min)
+                    for group in opt.param_groups:
+                        group["lr"] = lr
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                    loss = model(**inputs, generator=g, step=st["step"])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.clip_norm:
+                    nn.utils.clip_grad_norm_(module.parameters(), cfg.clip_norm)
+                opt.step()
+                n = len(batch)
+                st["epoch_sum"] += float(loss.detach()) * n
+                st["epoch_n"] += n
+                st["step"] += 1
+                st["step_in_epoch"] += 1
+                if bar is not None:
+                    bar.update(1)
+                if log is not None and cfg.log_every and st["step"] % cfg.log_every == 0:
+                    el = time.perf_counter() - t0
+                    log.write(json.dumps({"step": st["step"], "epoch": st["epoch"], "loss": float(loss),
+                                          "cells_per_s": (st["step"] - start_step) * stream.batch_size / el}) + "\n")
+                    log.flush()
+                if cfg.checkpoint_dir and cfg.checkpoint_every and st["step"] % cfg.checkpoint_every == 0:
+                    checkpoint()
+                if st["step"] >= cfg.max_iter:
+                    break
+            if st["step_in_epoch"] >= steps_per_epoch:  # a whole epoch: score it
+                s_sum, s_n = _allreduce([st["epoch_sum"], st["epoch_n"]], env, device)
+                mean = s_sum / max(s_n, 1)
+                st["history"].append(mean)
+                if mean < st["best"] - 1e-12:
+                    st["best"], st["bad_epochs"] = mean, 0
+                else:
+                    st["bad_epochs"] += 1
+                    if st["bad_epochs"] >= cfg.patience:
+                        st["stopped_early"] = True
+                if bar is not None:
+                    bar.set_postfix(loss=f"{mean:.4g}", epoch=st["epoch"])
+                if log is not None:
+                    log.write(json.dumps({"epoch": st["epoch"], "step": st["step"], "epoch_loss": mean}) + "\n")
+                    log.flush()
+                st["epoch"] += 1
+                st["step_in_epoch"], st["epoch_sum"], st["epoch_n"] = 0, 0.0, 0.0
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    if cfg.checkpoint_dir and cfg.checkpoint_every:
+        checkpoint()
+    seconds = time.perf_counter() - t0
+    ran = st["step"] - start_step
+    return {"history": list(st["history"]), "steps": st["step"], "epochs": st["epoch"],
+            "stopped_early": bool(st["stopped_early"]), "train_seconds": seconds,
+            "cells_per_s": ran * stream.batch_size / seconds if seconds > 0 else float("nan"),
+            "world_size": env.world_size}
+
+
+def save_json(path: str | Path, obj) -> None:
+    Path(path).write_text(json.dumps(obj, indent=1))

@@ -1,0 +1,123 @@
+"""SCALE on stores: the paper's simulated data (loss, clusters, imputation of dropped
+entries), the written outputs, the CLI, and bad input. Real LocalCluster (``client``)."""
+
+from __future__ import annotations
+
+import json
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from click.testing import CliRunner
+from sklearn.metrics import roc_auc_score
+
+from scatac_dist.cli import main
+from scatac_dist.io import ingest
+from scatac_dist.models import SCALE
+from scatac_dist.store import open_atlas
+from scatac_dist.tl.metrics import ari
+
+
+def simulate(seed: int = 0, dropout: float = 0.3, noise: float = 0.1):
+    """The paper's simulation (Methods): 300 cells x 1000 peaks, 3 clusters of 100 cells, each
+    with 100 specific peaks valued 1 or 2 (ratio 1:4); then drop ``dropout`` of the non-zeros
+    and set entries to 1 or 2 (1:4) with probability ``noise``."""
+    rng = np.random.default_rng(seed)
+    n, p = 300, 1000
+    labels = np.repeat(np.arange(3), 100)
+    clean = np.zeros((n, p), np.int64)
+    for c in range(3):
+        vals = rng.choice([1, 2], size=(100, 100), p=[0.2, 0.8])
+        clean[labels == c, c * 100:(c + 1) * 100] = vals
+    X = clean.copy()
+    drop = (clean > 0) & (rng.random((n, p)) < dropout)
+    X[drop] = 0
+    noisy = rng.random((n, p)) < noise
+    X[noisy] = rng.choice([1, 2], size=noisy.sum(), p=[0.2, 0.8])
+    return X, clean, drop & ~noisy, labels
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory, client):
+    X, clean, dropped, labels = simulate()
+    d = tmp_path_factory.mktemp("scale")
+    var = pd.DataFrame(index=[f"chr1_{1000 * i}_{1000 * i + 500}" for i in range(X.shape[1])])
+    obs = pd.DataFrame({"celltype": pd.Categorical(labels.astype(str))}, index=[f"c{i}" for i in range(len(X))])
+    ad.AnnData(sp.csr_matrix(X.astype(np.float32)), obs=obs, var=var).write_h5ad(d / "sim.h5ad")
+    ingest(d / "sim.h5ad", d / "sim.zarr", chunk_rows=64, client=client, progress=False)
+    return d / "sim.zarr", X, clean, dropped, labels
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_simulated_data_clusters_and_imputes(sim, tmp_path, client):
+    store, X, clean, dropped, labels = sim
+    store = _copy(store, tmp_path / "s.zarr")
+    m = SCALE(n_clusters=3, quick=True, max_iter=1500, min_cells=1, min_reads=1, impute=True,
+              progress=False, seed=0).fit(store)
+    h = m.summary_["history"]
+    assert h[-1] < 0.8 * h[0]                                    # the loss decreased
+    a = open_atlas(store)
+    used = a.obs["scale_used"].to_numpy(bool)
+    assert used.sum() >= 290
+    assert ari(labels[used], a.obs["scale_kmeans"][used]) > 0.9   # three clean clusters found
+    Z = a.read("obsm/X_scale")
+    assert Z.shape == (300, 10) and np.isfinite(Z[used]).all() and np.isnan(Z[~used]).all()
+    # imputation: dropped entries against entries that were and stay zero
+    imp = a.read("layers/scale_impute")
+    neg = (clean == 0) & (X == 0)
+    y = np.r_[np.ones(dropped[used].sum()), np.zeros(neg[used].sum())]
+    auroc = roc_auc_score(y, np.r_[imp[used][dropped[used]], imp[used][neg[used]]])
+    raw = roc_auc_score(y, np.r_[X[used][dropped[used]], X[used][neg[used]]])
+    print(f"auROC imputed {auroc:.3f} raw {raw:.3f}")
+    assert raw == 0.5 and auroc > 0.9
+    # the binarised layer follows the paper's rule from the imputed values
+    B = a.read("layers/scale_binary").toarray()
+    kept = a.var["scale_used"].to_numpy(bool)
+    Xb = (X[used][:, kept] > 0).astype(float)
+    rule = (imp[used][:, kept] > Xb.mean(0)[None, :]) & (imp[used][:, kept] > Xb.mean(1)[:, None])
+    np.testing.assert_array_equal(B[used][:, kept] > 0, rule)
+    # cluster specificity: the planted peaks score above the background, each block of 100
+    # is assigned to one cluster, a different one per block, and all are in the top 200
+    score = a.var["scale_specificity"].to_numpy()
+    best = a.var["scale_specific_cluster"].to_numpy()
+    planted = np.zeros(len(score), bool)
+    planted[:300] = True
+    ok = kept & np.isfinite(score)
+    assert roc_auc_score(planted[ok], score[ok]) > 0.95
+    blocks = [np.bincount(best[c * 100:(c + 1) * 100][kept[c * 100:(c + 1) * 100]]).argmax() for c in range(3)]
+    assert len(set(blocks)) == 3
+    assert a.var["scale_specific"].to_numpy(bool)[:300][kept[:300]].all()
+    rec = a.provenance()["scale"]
+    assert rec["result"]["n_clusters"] == 3 and rec["result"]["steps"] > 0
+
+
+def test_cli_scale_and_estimated_k(sim, tmp_path):
+    store = _copy(sim[0], tmp_path / "c.zarr")
+    r = CliRunner().invoke(main, ["--workers", "1", "--no-progress", "scale", str(store), "--quick", "--max-iter",
+                                  "60", "--min-cells", "1", "--min-reads", "1", "--model-out",
+                                  str(tmp_path / "model")])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output[r.output.index("{"):])
+    assert out["n_clusters"] >= 2 and out["steps"] == 60          # k from Tracy-Widom
+    a = open_atlas(store)
+    assert "scale_gmm" in a.obs and "scale_kmeans" not in a.obs
+    m = SCALE.load(tmp_path / "model")
+    assert m.module_.n_components == out["n_clusters"]
+
+
+def test_bad_input_is_refused(sim, tmp_path):
+    store = _copy(sim[0], tmp_path / "b.zarr")
+    with pytest.raises(ValueError, match="min_reads"):
+        SCALE(n_clusters=3, min_cells=10_000, progress=False).fit(store)
+    r = CliRunner().invoke(main, ["scale", str(store), "--resume"])
+    assert r.exit_code != 0 and "--checkpoint-dir" in r.output
+    with pytest.raises(ValueError, match="lr_schedule"):
+        SCALE(n_clusters=3, lr_schedule="cosine", min_cells=1, min_reads=1, progress=False).fit(store)

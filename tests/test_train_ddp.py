@@ -1,0 +1,120 @@
+"""The training stack: chunk shards and shuffles, real DDP over 2 gloo processes, and
+resuming from a checkpoint. Uses SCALE's module as the model being trained."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse as sp
+import torch
+
+from scatac_dist.datasets import SynthParams, synthesize
+from scatac_dist.models.scale import _train_rank
+from scatac_dist.modules.scale import SCALEModule
+from scatac_dist.store import open_atlas
+from scatac_dist.train import ShardedStream, StoreRows, TrainConfig, fit, launch, load_checkpoint
+
+P = SynthParams(n_cells=480, n_peaks=600, n_clusters=3, n_lineages=1, signal=0.5, fragments=300, seed=11)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, client):
+    out = tmp_path_factory.mktemp("train") / "s.zarr"
+    synthesize(out, P, chunk_rows=40, client=client, progress=False)
+    return out
+
+
+def test_store_rows_match_the_matrix(store):
+    X = open_atlas(store).X.compute().tocsr()
+    rng = np.random.default_rng(0)
+    cells = rng.random(X.shape[0]) < 0.7
+    peaks = np.sort(rng.choice(X.shape[1], 250, replace=False))
+    rows = StoreRows(store, cells=cells, peaks=peaks, chunk_rows=40)
+    got = sp.vstack([rows.read_chunk(k)[0] for k in range(rows.n_chunks)]).toarray()
+    np.testing.assert_array_equal(got, (X[cells][:, peaks].toarray() > 0).astype(np.float32))
+    ids = np.concatenate([rows.read_chunk(k)[1] for k in range(rows.n_chunks)])
+    np.testing.assert_array_equal(ids, np.flatnonzero(cells))
+    # densified on the "device" exactly
+    b = next(ShardedStream(rows, batch_size=16).epoch(0))
+    np.testing.assert_array_equal(b.to_dense().numpy(), (X[b.cells][:, peaks].toarray() > 0))
+
+
+def test_shards_are_disjoint_shuffled_and_resumable(store):
+    rows = StoreRows(store, chunk_rows=40)
+    streams = [ShardedStream(rows, batch_size=32, rank=r, world=2, seed=3) for r in range(2)]
+    seen = [np.concatenate([b.cells for b in s.epoch(0)]) for s in streams]
+    assert all(len(np.unique(c)) == len(c) for c in seen)           # no cell twice within a rank
+    assert not set(seen[0]) & set(seen[1])                          # disjoint shards
+    chunks = [set(np.unique(c // 40)) for c in seen]
+    assert not chunks[0] & chunks[1]                                # whole chunks per rank
+    assert len(seen[0]) == len(seen[1]) == streams[0].steps_per_epoch * 16
+    again = np.concatenate([b.cells for b in streams[0].epoch(0)])
+    np.testing.assert_array_equal(again, seen[0])                   # fixed seed: same order
+    other = np.concatenate([b.cells for b in streams[0].epoch(1)])
+    assert not np.array_equal(other[:50], seen[0][:50])             # a fresh shuffle each epoch
+    assert len(np.unique(seen[0][:16] // 40)) > 1                   # rows mixed across chunks
+    tail = np.concatenate([b.cells for b in streams[0].epoch(0, start_step=5)])
+    np.testing.assert_array_equal(tail, seen[0][5 * 16:])           # resume skips exactly
+
+
+def _spec(store, tmp, max_iter, **train):
+    rows = StoreRows(store, chunk_rows=40)
+    torch.manual_seed(0)
+    module = SCALEModule(rows.n_peaks, 3, (32,), 4, kl_warmup=10)
+    np.savez(tmp / "masks.npz", cells=np.ones(rows.n_obs, bool), peaks=np.ones(rows.n_vars, bool))
+    torch.save(module.state_dict(), tmp / "init.pt")
+    cfg = TrainConfig(batch_size=32, max_iter=max_iter, lr=2e-3, seed=1, progress=False, **train)
+    from dataclasses import asdict
+
+    return {"store": str(store), "mod": None, "chunk_rows": 40, "masks": str(tmp / "masks.npz"),
+            "init": str(tmp / "init.pt"), "out": str(tmp / "out.pt"), "module": module.config(),
+            "train": asdict(cfg), "every_rank": True}
+
+
+def test_ddp_two_gloo_processes_agree_and_match_one_process(store, tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    _train_rank(_spec(store, tmp_path / "one", 120, patience=1000))
+    launch(_train_rank, (_spec(store, tmp_path / "two", 120, patience=1000),), 2, threads_per_proc=1)
+    r0 = torch.load(tmp_path / "two" / "out.rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "two" / "out.rank1.pt", weights_only=False)
+    for k, v in r0["module"].items():  # DDP keeps every rank's parameters identical
+        torch.testing.assert_close(v, r1["module"][k], rtol=0, atol=0, msg=k)
+    one = torch.load(tmp_path / "one" / "out.rank0.pt", weights_only=False)
+    assert r0["summary"]["world_size"] == 2 and one["summary"]["world_size"] == 1
+    h1, h2 = one["summary"]["history"], r0["summary"]["history"]
+    assert len(h1) == len(h2) == 120 // (480 // 32)
+    assert h2[-1] < 0.9 * h2[0]                                    # it learned
+    assert abs(h2[-1] - h1[-1]) / h1[-1] < 0.05                    # same loss within 5%
+
+
+def test_resume_reproduces_the_uninterrupted_run(store, tmp_path):
+    for d in ("full", "part"):
+        (tmp_path / d).mkdir()
+    _train_rank(_spec(store, tmp_path / "full", 50, patience=1000))
+    ck = tmp_path / "ck"
+    _train_rank(_spec(store, tmp_path / "part", 23, patience=1000, checkpoint_dir=str(ck), checkpoint_every=23))
+    state = load_checkpoint(ck)
+    assert state["trainer"]["step"] == 23 and state["trainer"]["step_in_epoch"] == 23 - 15
+    spec = _spec(store, tmp_path / "part", 50, patience=1000, checkpoint_dir=str(ck), checkpoint_every=0,
+                 resume=True)
+    _train_rank(spec)
+    a = torch.load(tmp_path / "full" / "out.rank0.pt", weights_only=False)
+    b = torch.load(tmp_path / "part" / "out.rank0.pt", weights_only=False)
+    for k, v in a["module"].items():
+        torch.testing.assert_close(v, b["module"][k], rtol=0, atol=0, msg=k)
+    assert a["summary"]["history"] == b["summary"]["history"]
+
+
+def test_early_stopping_and_max_iter(store):
+    rows = StoreRows(store, chunk_rows=40)
+    torch.manual_seed(0)
+    m = SCALEModule(rows.n_peaks, 3, (16,), 4)
+    stream = ShardedStream(rows, batch_size=32)
+    out = fit(m, stream, TrainConfig(max_iter=10_000, lr=0.0, weight_decay=0.0, patience=3, progress=False))
+    # lr 0: the loss only wanders with the noise, so it stops 3 epochs after its best one
+    h = out["history"]
+    assert out["stopped_early"] and out["epochs"] == len(h) < 100
+    assert len(h) == int(np.argmin(h)) + 1 + 3 and out["steps"] == len(h) * stream.steps_per_epoch
+    out = fit(m, stream, TrainConfig(max_iter=7, progress=False))
+    assert out["steps"] == 7 and not out["stopped_early"]
