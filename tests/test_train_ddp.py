@@ -3,6 +3,10 @@ resuming from a checkpoint. Uses SCALE's module as the model being trained."""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -116,5 +120,44 @@ def test_early_stopping_and_max_iter(store):
     h = out["history"]
     assert out["stopped_early"] and out["epochs"] == len(h) < 100
     assert len(h) == int(np.argmin(h)) + 1 + 3 and out["steps"] == len(h) * stream.steps_per_epoch
+    floor = 2 * out["steps"]  # no early stop before min_iter steps, then at the next qualifying epoch end
+    out = fit(m, stream, TrainConfig(max_iter=10_000, lr=0.0, weight_decay=0.0, patience=3, min_iter=floor,
+                                     progress=False))
+    assert out["stopped_early"] and floor <= out["steps"] < floor + 100 * stream.steps_per_epoch
     out = fit(m, stream, TrainConfig(max_iter=7, progress=False))
     assert out["steps"] == 7 and not out["stopped_early"]
+
+
+def test_rank_from_torchrun_and_slurm_variables():
+    from scatac_dist.train import DistEnv
+
+    tr = DistEnv.from_environ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.2",
+                               "MASTER_PORT": "29511"})
+    assert (tr.rank, tr.world_size, tr.local_rank, tr.master_addr, tr.master_port, tr.source) == \
+        (3, 4, 1, "10.0.0.2", 29511, "torchrun")
+    sl = DistEnv.from_environ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+                               "MASTER_ADDR": "node7"})
+    assert (sl.rank, sl.world_size, sl.local_rank, sl.master_addr, sl.source) == (5, 8, 1, "node7", "slurm")
+    assert not DistEnv.from_environ({"SLURM_PROCID": "0", "SLURM_NTASKS": "1"}).distributed
+    assert not DistEnv.from_environ({}).distributed
+
+
+def test_cli_under_torchrun(store, tmp_path):
+    """The same `scatac-dist scale` command, started as 2 ranks by torchrun (as a Kubernetes Job
+    or `srun` would start it): rank 0 writes the outputs, trained over both ranks."""
+    import shutil
+    import subprocess
+    import sys
+
+    dst = tmp_path / "t.zarr"
+    shutil.copytree(store, dst)
+    exe = shutil.which("scatac-dist") or str(Path(sys.executable).with_name("scatac-dist"))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        exe, "--no-progress", "scale", str(dst), "--n-clusters", "3", "--quick", "--max-iter", "30",
+                        "--min-reads", "1"], capture_output=True, text=True, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout[r.stdout.index("{"):])
+    assert out["world_size"] == 2 and out["steps"] == 30
+    a = open_atlas(dst)
+    assert "X_scale" in a.keys("obsm") and a.obs["scale_kmeans"].notna().sum() == a.obs["scale_used"].sum()

@@ -8,7 +8,7 @@ schedule (e.g. a KL warm-up), and ``g`` is a ``torch.Generator`` seeded by ``(se
 every step is the same in a resumed run as in an uninterrupted one.
 
 Stopping (SCALE's rule): at most ``max_iter`` optimisation steps, and early stopping when the
-epoch's mean loss has not improved for ``patience`` epochs. The epoch loss is reduced over
+epoch's mean loss has not improved for ``patience`` epochs, but not before ``min_iter`` steps. The epoch loss is reduced over
 all ranks, so every rank stops at the same step.
 """
 
@@ -53,6 +53,7 @@ class TrainConfig:
     lr_min: float = 0.0
     weight_decay: float = 5e-4
     patience: int = 10
+    min_iter: int = 0
     clip_norm: float = 10.0
     seed: int = 0
     device: str = "cpu"
@@ -176,7 +177,7 @@ def fit(module: nn.Module, stream: ShardedStream, cfg: TrainConfig, env: DistEnv
                     st["best"], st["bad_epochs"] = mean, 0
                 else:
                     st["bad_epochs"] += 1
-                    if st["bad_epochs"] >= cfg.patience:
+                    if st["bad_epochs"] >= cfg.patience and st["step"] >= cfg.min_iter:
                         st["stopped_early"] = True
                 if bar is not None:
                     bar.set_postfix(loss=f"{mean:.4g}", epoch=st["epoch"])

@@ -1,0 +1,302 @@
+"""SCALE benchmarks: quality on the real sets, CPU training throughput, and memory as the
+atlas grows.
+
+    python benchmarks/bench_scale.py quality [--seeds 0 1 2] [--sets leukemia bm0828] [--full]
+    python benchmarks/bench_scale.py throughput [--store PATH] [--steps 100]
+    python benchmarks/bench_scale.py epoch --sizes 10000 100000 1000000 [--steps N] [--batch 256]
+    python benchmarks/bench_scale.py report
+
+* ``quality``: SCALE with k = number of labels, CPU, default settings (quick encoder unless
+  ``--full``), one run per seed; k-means and Leiden on ``obsm['X_scale']`` with
+  ``bench_quality.protocol`` (seed 0). Training cells/s of each run is recorded: the
+  Leukemia figure is the one compared with the authors' 280 cells/s.
+* ``throughput``: training cells/s on a synthetic store with 100k peaks (``synth_10k``),
+  quick and full encoders, 1 and 2 DDP processes (gloo), batch 32 and 256. Each
+  configuration trains ``--steps`` steps after the GMM initialisation; cells/s is over the
+  training loop only.
+* ``epoch``: peak host RSS of the training processes and seconds for ``--steps`` steps
+  (default: one full epoch) at several atlas sizes; memory should stay flat.
+
+Synthetic stores come from ``bench_scaling.ensure_atlas`` under ``$SCATAC_BENCH_SCRATCH``.
+Writes ``benchmarks/results/scale.json``, ``scale.md``, ``scale.png`` and the ``scale`` block
+of ``RESULTS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+RESULTS = HERE / "results"
+WORK = HERE / "work" / "scale"
+OUT = RESULTS / "scale.json"
+GIB = 2 ** 30
+SNAPATAC2 = {"leukemia": 0.510, "bm0828": 0.435}   # k-means ARI measured beforehand (issue 5)
+PEER_CELLS_PER_S = 280.0                           # scale 1.1.2 on Leukemia, this machine (issue 5)
+
+
+def _load() -> dict:
+    return json.loads(OUT.read_text()) if OUT.exists() else {}
+
+
+def _save(section: str, key: str, value) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    res = _load()
+    res.setdefault(section, {})[key] = value
+    tmp = OUT.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1, default=float))
+    os.replace(tmp, OUT)
+
+
+def _scratch() -> Path:
+    return Path(os.environ.get("SCATAC_BENCH_SCRATCH", HERE / "work"))
+
+
+# --------------------------------------------------------------------------- one run, in a child
+
+
+def run_child(spec_path: str) -> None:
+    """One SCALE fit in this process (with its DDP children), RSS sampled for the whole tree."""
+    from bench_scaling import ProcessSampler
+    from distributed import Client, LocalCluster
+
+    import scatac_dist as sd
+    from scatac_dist.models import SCALE
+
+    spec = json.loads(Path(spec_path).read_text())
+    sampler = ProcessSampler(os.getpid())
+    sampler.start()
+    res = {"spec": spec}
+    try:
+        with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
+                          memory_limit="6GiB") as cluster, Client(cluster):
+            sampler.set_stage("scale")
+            t = time.perf_counter()
+            m = SCALE(progress=False, **spec["params"]).fit(spec["store"])
+            res["seconds"] = time.perf_counter() - t
+            sampler.set_stage(None)
+            res["timings"] = m.timings_
+            res["summary"] = {k: v for k, v in m.summary_.items() if k != "history"}
+            res["epoch_loss_last"] = m.summary_["history"][-1] if m.summary_["history"] else None
+            res["n_clusters"] = m.n_clusters_
+            if spec.get("labels_key"):
+                from bench_quality import protocol
+
+                atlas = sd.open_atlas(spec["store"])
+                used = atlas.obs["scale_used"].to_numpy(bool)
+                y = atlas.obs[spec["labels_key"]].astype(str).to_numpy()[used]
+                E = atlas.read("obsm/X_scale")[used]
+                res.update(protocol(E, y, seed=0))
+                res["n_cells"] = int(used.sum())
+            res["status"] = "ok"
+    except Exception as exc:  # where a configuration stops is a result
+        import traceback
+
+        res["status"] = f"{type(exc).__name__}: {exc}"
+        res["traceback"] = traceback.format_exc()[-2000:]
+    sampler.stop()
+    procs = sampler.per_process.values()
+    res["peak_rss_client_gib"] = max((v["peak_rss"] for v in procs if v["role"] == "client"), default=0) / GIB
+    res["peak_rss_max_process_gib"] = max((v["peak_rss"] for v in procs), default=0) / GIB
+    res["peak_rss_tree_gib"] = max(sampler.stage_tree.values(), default=0) / GIB
+    Path(spec["out"]).write_text(json.dumps(res, indent=1, default=float))
+
+
+def _run(name: str, store: Path, params: dict, labels_key: str | None = None, copy: bool = True) -> dict:
+    WORK.mkdir(parents=True, exist_ok=True)
+    target = store
+    if copy:  # SCALE writes into the store: work on a copy
+        target = WORK / f"{name}.zarr"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(store, target)
+    spec = {"store": str(target), "params": params, "labels_key": labels_key, "out": str(WORK / f"{name}.json")}
+    sp = WORK / f"{name}.spec.json"
+    sp.write_text(json.dumps(spec))
+    t = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "child", str(sp)], check=False)
+    out = Path(spec["out"])
+    res = json.loads(out.read_text()) if out.exists() else {"status": "no result (child crashed)"}
+    res["subprocess_wall_s"] = time.perf_counter() - t
+    if copy:
+        shutil.rmtree(target, ignore_errors=True)
+    print(name, res.get("status"), {k: res.get(k) for k in ("kmeans_ari", "leiden_ari", "seconds")},
+          (res.get("summary") or {}).get("cells_per_s"), flush=True)
+    return res
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def quality(seeds, sets, full: bool) -> None:
+    from bench_quality import DATASETS
+    from bench_sccase import _quality_store
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=":0") as lc, Client(lc) as client:
+        stores = {name: _quality_store(name, client) for name in sets}
+    for name in sets:
+        k = len(np.unique(_labels(stores[name], DATASETS[name]["key"])))
+        for seed in seeds:
+            key = f"{name}_{'full' if full else 'quick'}_seed{seed}"
+            res = _run(key, stores[name], {"n_clusters": int(k), "quick": not full, "seed": int(seed)},
+                       labels_key=DATASETS[name]["key"])
+            _save("quality", key, res)
+
+
+def _labels(store: Path, key: str) -> np.ndarray:
+    import scatac_dist as sd
+
+    return sd.open_atlas(store).obs[key].astype(str).to_numpy()
+
+
+def throughput(store: Path | None, steps: int) -> None:
+    from bench_scaling import ensure_atlas
+
+    store = store or ensure_atlas(10_000, _scratch())
+    for quick in (True, False):
+        for nproc in (1, 2):
+            for batch in (32, 256):
+                mode = "quick" if quick else "full"
+                key = f"{mode}_np{nproc}_b{batch}"
+                n = steps if quick else max(10, steps // 5)
+                res = _run(f"tp_{key}", store, {"n_clusters": 10, "quick": quick, "nproc": nproc,
+                                                "batch_size": batch, "max_iter": n, "patience": 10 ** 6,
+                                                "min_reads": 1, "min_cells": 5})
+                _save("throughput", key, res)
+
+
+def epoch(sizes, steps: int | None, batch: int) -> None:
+    from bench_scaling import ensure_atlas
+
+    for n in sizes:
+        store = ensure_atlas(int(n), _scratch())
+        n_steps = steps or max(1, int(n) // batch)
+        # the synthetic stores are large: write SCALE's outputs into them in place (they are
+        # benchmark inputs only, and SCALE replaces its own slots atomically)
+        res = _run(f"epoch_{int(n) // 1000}k", store, {"n_clusters": 10, "quick": True, "batch_size": batch,
+                                                        "max_iter": n_steps, "patience": 10 ** 6,
+                                                        "min_reads": 1, "min_cells": 5}, copy=False)
+        _save("epoch", f"{int(n) // 1000}k", res)
+
+
+def report() -> None:
+    res = _load()
+    lines = []
+    q = res.get("quality", {})
+    if q:
+        lines += ["| dataset | encoder | seed | k-means ARI | Leiden ARI | steps | stopped early | train cells/s |",
+                  "|---|---|---:|---:|---:|---:|---|---:|"]
+        groups: dict = {}
+        for key, r in q.items():
+            name, mode, seed = key.split("_")
+            s = r.get("summary") or {}
+            lines.append(f"| {name} | {mode} | {seed[4:]} | {r.get('kmeans_ari', float('nan')):.3f} | "
+                         f"{r.get('leiden_ari', float('nan')):.3f} | {s.get('steps', '')} | {s.get('stopped_early', '')} "
+                         f"| {s.get('cells_per_s', 0):.0f} |")
+            groups.setdefault((name, mode), []).append(r)
+        lines += ["", "| dataset | encoder | seeds | k-means ARI mean ± sd | Leiden ARI mean ± sd | SnapATAC2 k-means "
+                  "| train cells/s mean | vs authors' 280 cells/s |", "|---|---|---:|---|---|---:|---:|---:|"]
+        for (name, mode), rs in groups.items():
+            km = np.array([r.get("kmeans_ari", np.nan) for r in rs])
+            ld = np.array([r.get("leiden_ari", np.nan) for r in rs])
+            cps = np.array([(r.get("summary") or {}).get("cells_per_s", np.nan) for r in rs])
+            lines.append(f"| {name} | {mode} | {len(rs)} | {km.mean():.3f} ± {km.std():.3f} | {ld.mean():.3f} ± "
+                         f"{ld.std():.3f} | {SNAPATAC2.get(name, float('nan')):.3f} | {cps.mean():.0f} | "
+                         f"{cps.mean() / PEER_CELLS_PER_S:.1f}x |")
+    t = res.get("throughput", {})
+    if t:
+        lines += ["", "| encoder, processes, batch | status | train cells/s | steps | largest process GiB | "
+                  "all processes GiB |", "|---|---|---:|---:|---:|---:|"]
+        for key, r in t.items():
+            s = r.get("summary") or {}
+            lines.append(f"| {key} | {str(r.get('status'))[:40]} | {s.get('cells_per_s', 0):.0f} | {s.get('steps', '')} "
+                         f"| {r.get('peak_rss_max_process_gib', 0):.2f} | {r.get('peak_rss_tree_gib', 0):.2f} |")
+    e = res.get("epoch", {})
+    if e:
+        lines += ["", "| cells | status | steps | train s | train cells/s | total s | largest process GiB | "
+                  "all processes GiB |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for key, r in e.items():
+            s = r.get("summary") or {}
+            lines.append(f"| {key} | {str(r.get('status'))[:40]} | {s.get('steps', '')} | {s.get('train_seconds', 0):.0f} "
+                         f"| {s.get('cells_per_s', 0):.0f} | {r.get('seconds', 0):.0f} | "
+                         f"{r.get('peak_rss_max_process_gib', 0):.2f} | {r.get('peak_rss_tree_gib', 0):.2f} |")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    from results_md import replace_block
+
+    replace_block("scale", "## SCALE (`python benchmarks/bench_scale.py quality|throughput|epoch`, then `report`)\n\n"
+                  "CPU only (no GPU on this machine). Quality: k = number of labels, k-means (n_init 20) and "
+                  "Leiden searched to k on `obsm['X_scale']` (protocol of `bench_quality.py`, seed 0); "
+                  "SnapATAC2's k-means ARI and the authors' 280 cells/s are the figures measured beforehand "
+                  "(issue 5). Throughput: synthetic store, 10k cells x 100k peaks. Epoch: quick encoder, one "
+                  "training epoch at each size, DDP off.\n\n" + "\n".join(lines))
+    _plot(res)
+
+
+def _plot(res: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    t = res.get("throughput", {})
+    if t:
+        keys = list(t)
+        axes[0].barh(keys, [(t[k].get("summary") or {}).get("cells_per_s", 0) for k in keys])
+        axes[0].set_xlabel("training cells/s (100k peaks)")
+    e = res.get("epoch", {})
+    if e:
+        keys = list(e)
+        axes[1].plot(keys, [e[k].get("peak_rss_max_process_gib", 0) for k in keys], "o-", label="largest process")
+        axes[1].plot(keys, [e[k].get("peak_rss_tree_gib", 0) for k in keys], "s-", label="all processes")
+        axes[1].set_ylabel("peak RSS, GiB")
+        axes[1].set_xlabel("cells")
+        axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "scale.png", dpi=120)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("quality")
+    q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    q.add_argument("--sets", nargs="+", default=["leukemia", "bm0828"])
+    q.add_argument("--full", action="store_true")
+    t = sub.add_parser("throughput")
+    t.add_argument("--store", type=Path)
+    t.add_argument("--steps", type=int, default=100)
+    e = sub.add_parser("epoch")
+    e.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    e.add_argument("--steps", type=int)
+    e.add_argument("--batch", type=int, default=256)
+    sub.add_parser("report")
+    c = sub.add_parser("child")
+    c.add_argument("spec")
+    a = ap.parse_args(argv)
+    if a.cmd == "quality":
+        quality(a.seeds, a.sets, a.full)
+    elif a.cmd == "throughput":
+        throughput(a.store, a.steps)
+    elif a.cmd == "epoch":
+        epoch(a.sizes, a.steps, a.batch)
+    elif a.cmd == "child":
+        run_child(a.spec)
+    else:
+        report()
+
+
+if __name__ == "__main__":
+    main()
