@@ -289,6 +289,10 @@ def scale_child(store: str, mode: str, out: str, k: int, iters: int, top: int) -
         res["status"] = f"{type(exc).__name__}: {exc}"
     sampler.stop()
     res["peak_rss_max_process_gib"] = max((v["peak_rss"] for v in sampler.per_process.values()), default=0) / GIB
+    roles: dict = {}
+    for v in sampler.per_process.values():  # which process peaked: the client or a worker
+        roles[v["role"]] = max(roles.get(v["role"], 0), v["peak_rss"] / GIB)
+    res["peak_rss_by_role_gib"] = roles
     res["peak_rss_tree_gib"] = max(sampler.stage_tree.values(), default=0) / GIB
     Path(out).write_text(json.dumps(res, indent=1, default=float))
 
