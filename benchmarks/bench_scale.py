@@ -1,7 +1,7 @@
 """SCALE benchmarks: quality on the real sets, CPU training throughput, and memory as the
 atlas grows.
 
-    python benchmarks/bench_scale.py quality [--seeds 0 1 2] [--sets leukemia bm0828] [--full]
+    python benchmarks/bench_scale.py quality [--seeds 0 1 2] [--sets leukemia bm0828] [--full] [--batch 32]
     python benchmarks/bench_scale.py throughput [--store PATH] [--steps 100]
     python benchmarks/bench_scale.py epoch --sizes 10000 100000 1000000 [--steps N] [--batch 256]
     python benchmarks/bench_scale.py report
@@ -137,7 +137,7 @@ def _run(name: str, store: Path, params: dict, labels_key: str | None = None, co
 # --------------------------------------------------------------------------- sections
 
 
-def quality(seeds, sets, full: bool) -> None:
+def quality(seeds, sets, full: bool, batch: int = 32) -> None:
     from bench_quality import DATASETS
     from bench_sccase import _quality_store
     from distributed import Client, LocalCluster
@@ -147,8 +147,10 @@ def quality(seeds, sets, full: bool) -> None:
     for name in sets:
         k = len(np.unique(_labels(stores[name], DATASETS[name]["key"])))
         for seed in seeds:
-            key = f"{name}_{'full' if full else 'quick'}_seed{seed}"
-            res = _run(key, stores[name], {"n_clusters": int(k), "quick": not full, "seed": int(seed)},
+            mode = ("full" if full else "quick") + ("" if batch == 32 else f"-b{batch}")
+            key = f"{name}_{mode}_seed{seed}"
+            res = _run(key, stores[name], {"n_clusters": int(k), "quick": not full, "seed": int(seed),
+                                           "batch_size": int(batch)},
                        labels_key=DATASETS[name]["key"])
             _save("quality", key, res)
 
@@ -275,6 +277,7 @@ def main(argv=None) -> None:
     q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     q.add_argument("--sets", nargs="+", default=["leukemia", "bm0828"])
     q.add_argument("--full", action="store_true")
+    q.add_argument("--batch", type=int, default=32)
     t = sub.add_parser("throughput")
     t.add_argument("--store", type=Path)
     t.add_argument("--steps", type=int, default=100)
@@ -287,7 +290,7 @@ def main(argv=None) -> None:
     c.add_argument("spec")
     a = ap.parse_args(argv)
     if a.cmd == "quality":
-        quality(a.seeds, a.sets, a.full)
+        quality(a.seeds, a.sets, a.full, a.batch)
     elif a.cmd == "throughput":
         throughput(a.store, a.steps)
     elif a.cmd == "epoch":
