@@ -2,7 +2,8 @@
 atlas grows.
 
     python benchmarks/bench_scale.py quality [--seeds 0 1 2] [--sets leukemia bm0828] [--full] [--batch 32]
-    python benchmarks/bench_scale.py throughput [--store PATH] [--steps 100]
+    python benchmarks/bench_scale.py throughput [--store PATH] [--steps 100] [--modes quick full]
+                                                [--nprocs 1 2] [--batches 32 256] [--tag NAME]
     python benchmarks/bench_scale.py epoch --sizes 10000 100000 1000000 [--steps N] [--batch 256]
     python benchmarks/bench_scale.py report
 
@@ -161,17 +162,17 @@ def _labels(store: Path, key: str) -> np.ndarray:
     return sd.open_atlas(store).obs[key].astype(str).to_numpy()
 
 
-def throughput(store: Path | None, steps: int) -> None:
+def throughput(store: Path | None, steps: int, modes=("quick", "full"), nprocs=(1, 2), batches=(32, 256),
+               tag: str = "synth100k") -> None:
     from bench_scaling import ensure_atlas
 
     store = store or ensure_atlas(10_000, _scratch())
-    for quick in (True, False):
-        for nproc in (1, 2):
-            for batch in (32, 256):
-                mode = "quick" if quick else "full"
-                key = f"{mode}_np{nproc}_b{batch}"
-                n = steps if quick else max(10, steps // 5)
-                res = _run(f"tp_{key}", store, {"n_clusters": 10, "quick": quick, "nproc": nproc,
+    for mode in modes:
+        for nproc in nprocs:
+            for batch in batches:
+                key = f"{tag}_{mode}_np{nproc}_b{batch}"
+                n = steps if mode == "quick" else max(10, steps // 5)
+                res = _run(f"tp_{key}", store, {"n_clusters": 10, "quick": mode == "quick", "nproc": nproc,
                                                 "batch_size": batch, "max_iter": n, "patience": 10 ** 6,
                                                 "min_reads": 1, "min_cells": 5})
                 _save("throughput", key, res)
@@ -281,6 +282,10 @@ def main(argv=None) -> None:
     t = sub.add_parser("throughput")
     t.add_argument("--store", type=Path)
     t.add_argument("--steps", type=int, default=100)
+    t.add_argument("--modes", nargs="+", default=["quick", "full"])
+    t.add_argument("--nprocs", type=int, nargs="+", default=[1, 2])
+    t.add_argument("--batches", type=int, nargs="+", default=[32, 256])
+    t.add_argument("--tag", default="synth100k")
     e = sub.add_parser("epoch")
     e.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     e.add_argument("--steps", type=int)
@@ -292,7 +297,7 @@ def main(argv=None) -> None:
     if a.cmd == "quality":
         quality(a.seeds, a.sets, a.full, a.batch)
     elif a.cmd == "throughput":
-        throughput(a.store, a.steps)
+        throughput(a.store, a.steps, a.modes, a.nprocs, a.batches, a.tag)
     elif a.cmd == "epoch":
         epoch(a.sizes, a.steps, a.batch)
     elif a.cmd == "child":
