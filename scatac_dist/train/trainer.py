@@ -75,6 +75,18 @@ def step_generator(device: torch.device, seed: int, step: int, rank: int) -> tor
     return g
 
 
+def _clip(module: nn.Module, max_norm: float) -> None:
+    """``clip_grad_norm_``'s rule, but the gradients are only rescaled when the norm is over
+    ``max_norm`` (torch multiplies them by 1.0 otherwise: a full pass over every gradient,
+    10 ms a step for SCALE's first layer on Leukemia)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    if float(total) > max_norm:
+        torch._foreach_mul_(grads, max_norm / (float(total) + 1e-6))
+
+
 def _allreduce(values: list[float], env: DistEnv, device) -> list[float]:
     if not env.distributed:
         return values
@@ -151,7 +163,7 @@ def fit(module: nn.Module, stream: ShardedStream, cfg: TrainConfig, env: DistEnv
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.clip_norm:
-                    nn.utils.clip_grad_norm_(module.parameters(), cfg.clip_norm)
+                    _clip(module, cfg.clip_norm)
                 opt.step()
                 n = len(batch)
                 st["epoch_sum"] += float(loss.detach()) * n
