@@ -32,6 +32,18 @@ def _spool(pieces, path: str) -> int:
     return int(len(cols))
 
 
+def publish_layer(atlas: Atlas, src, key: str) -> None:
+    """Swap the finished array group ``src`` in as ``layers[key]`` (one atomic rename),
+    creating the ``layers`` group if the store has none."""
+    root = zarr.open_group(str(atlas.path), mode="a", use_consolidated=False)
+    parent = f"{atlas.group_path}/layers".strip("/")
+    if parent not in root:
+        lg = root.require_group(parent)
+        lg.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+    _replace_dir(src, atlas.path / parent / key)
+    zarr.consolidate_metadata(str(atlas.path))
+
+
 def write_csr_layer(atlas: Atlas, key: str, blocks: list, rows: np.ndarray, n_cols: int | None = None) -> int:
     """Write ``layers[key]`` from ``blocks`` (delayed CSR pieces, in order) covering the store
     rows ``rows`` (sorted). Returns the number of stored entries."""
@@ -69,13 +81,7 @@ def write_csr_layer(atlas: Atlas, key: str, blocks: list, rows: np.ndarray, n_co
                 tasks.append(delayed(_fill_chunk)(str(staging / "group" / key / part), str(spool), "L", part,
                                                   start, stop, pieces, dt))
         dask.compute(*tasks)
-        root = zarr.open_group(str(atlas.path), mode="a", use_consolidated=False)
-        parent = f"{atlas.group_path}/layers".strip("/")
-        if parent not in root:
-            lg = root.require_group(parent)
-            lg.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
-        _replace_dir(staging / "group" / key, atlas.path / parent / key)
-        zarr.consolidate_metadata(str(atlas.path))
+        publish_layer(atlas, staging / "group" / key, key)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return total

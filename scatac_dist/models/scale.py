@@ -52,7 +52,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import dask
@@ -62,7 +62,7 @@ import torch
 import zarr
 
 from ..modules.scale import FULL_LAYERS, QUICK_LAYERS, SCALEModule
-from ..store import Atlas, _replace_dir, open_atlas
+from ..store import Atlas, open_atlas
 from ..train import DistEnv, ShardedStream, StoreRows, TrainConfig, cleanup, fit, init_process_group, launch
 
 logger = logging.getLogger("scatac_dist")
@@ -208,7 +208,6 @@ class SCALE:
     encode_batch: int = 2048
     progress: bool = True
     log_path: str | None = None
-    extra: dict = field(default_factory=dict)
 
     # ------------------------------------------------------------------ preprocessing
 
@@ -257,7 +256,7 @@ class SCALE:
         order = rng.permutation(rows.n_chunks)
         mus, have = [], 0
         for _, m, _cells in rows.iter_chunks([int(c) for c in order if rows.chunk_cells[c]]):
-            mus.append(self._encode_csr(module, m)[0])
+            mus.append(self._encode_csr(module, m, gamma=False)[0])  # the prior is not fitted yet
             have += m.shape[0]
             if have >= self.gmm_cells:
                 break
@@ -270,8 +269,8 @@ class SCALE:
         module.prior.set_from(np.full(k, 1.0 / k), gmm.means_, gmm.covariances_)
 
     @torch.no_grad()
-    def _encode_csr(self, module: SCALEModule, m) -> tuple[np.ndarray, np.ndarray]:
-        """Latent means and mixture responsibilities of the cells of a CSR block (in sub-batches)."""
+    def _encode_csr(self, module: SCALEModule, m, gamma: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Latent means (and mixture responsibilities) of the cells of a CSR block, in sub-batches."""
         from ..train.data import SparseBatch
 
         module.eval()
@@ -282,8 +281,9 @@ class SCALE:
             b = SparseBatch.from_csr(sub, np.arange(sub.shape[0])).to_device(dev)
             mu, _ = module.encoder(cols=b["cols"], offsets=b["offsets"], values=b["values"])
             mus.append(mu.float().cpu().numpy())
-            gams.append(module.prior.responsibilities(mu.float()).cpu().numpy())
-        return np.concatenate(mus), np.concatenate(gams)
+            if gamma:
+                gams.append(module.prior.responsibilities(mu.float()).cpu().numpy())
+        return np.concatenate(mus), (np.concatenate(gams) if gamma else None)
 
     def fit(self, store: str | Path | Atlas, *, mod: str | None = None) -> SCALE:
         """Preprocess, train and write every output into ``store``. Returns ``self``.
@@ -350,7 +350,7 @@ class SCALE:
         t["outputs"] = time.perf_counter() - t1
         t["total"] = time.perf_counter() - t0
         self.timings_ = t
-        params = {k_: v for k_, v in asdict(self).items() if k_ not in ("extra", "progress")}
+        params = {k_: v for k_, v in asdict(self).items() if k_ != "progress"}
         summ = {k_: v for k_, v in self.summary_.items() if k_ != "history"}
         atlas.record("scale", params, t, result={"n_clusters": int(k), "n_cells": rows.n_cells,
                                                  "n_peaks": rows.n_peaks, **summ,
@@ -428,7 +428,7 @@ class SCALE:
         """
         from dask import delayed
 
-        from ..io.layers import write_csr_layer
+        from ..io.layers import publish_layer, write_csr_layer
 
         n, p = atlas.n_obs, atlas.n_vars
         cr = atlas.chunk_rows
@@ -442,13 +442,7 @@ class SCALE:
             tasks = [delayed(_impute_block)(str(staging / "scale_impute"), a, min(a + cr, n), mu[a:a + cr],
                                             used[a:a + cr], Wd, bd, pk, p) for a in range(0, n, cr)]
             dask.compute(*tasks)
-            root = zarr.open_group(str(atlas.path), mode="a", use_consolidated=False)
-            parent = f"{atlas.group_path}/layers".strip("/")
-            if parent not in root:
-                lg = root.require_group(parent)
-                lg.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
-            _replace_dir(staging / "scale_impute", atlas.path / parent / "scale_impute")
-            zarr.consolidate_metadata(str(atlas.path))
+            publish_layer(atlas, staging / "scale_impute", "scale_impute")
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         rows_used = np.flatnonzero(used)
@@ -465,7 +459,7 @@ class SCALE:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {"module": self.module_.state_dict(), "module_config": self.module_.config(),
-                 "params": {k: v for k, v in asdict(self).items() if k != "extra"}}
+                 "params": asdict(self)}
         tmp = folder / ".model.pt.tmp"
         torch.save(state, tmp)
         tmp.replace(folder / "model.pt")

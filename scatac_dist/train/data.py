@@ -70,16 +70,8 @@ class SparseBatch:
         return {"x": x, "cols": cols, "offsets": indptr[:-1], "values": vals}
 
     def to_dense(self, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Copy the CSR pieces to ``device`` and scatter them into a dense (cells x peaks) tensor."""
-        n = len(self)
-        device = torch.device(device)
-        indptr = torch.from_numpy(np.asarray(self.indptr, np.int64)).to(device, non_blocking=True)
-        cols = torch.from_numpy(np.asarray(self.indices, np.int64)).to(device, non_blocking=True)
-        vals = torch.from_numpy(np.asarray(self.data, np.float32)).to(device, non_blocking=True)
-        rows = torch.repeat_interleave(torch.arange(n, device=device), indptr[1:] - indptr[:-1])
-        x = torch.zeros((n, self.n_cols), dtype=dtype, device=device)
-        x[rows, cols] = vals.to(dtype)
-        return x
+        """Only the dense (cells x peaks) tensor of :meth:`to_device`."""
+        return self.to_device(device)["x"].to(dtype)
 
 
 class StoreRows:
@@ -155,8 +147,6 @@ class StoreRows:
             kept = np.concatenate([[0], np.cumsum(ok)])[m.indptr]  # kept entries before each row
             m = sp.csr_matrix((m.data[ok], cols[ok], kept),
                               shape=(m.shape[0], len(self.peaks)))
-        else:
-            m = sp.csr_matrix(m)
         m.eliminate_zeros()
         if self.binarize:
             m.data[:] = 1.0

@@ -18,8 +18,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
@@ -65,7 +64,6 @@ class TrainConfig:
     log_every: int = 100
     progress: bool = True
     buffer_chunks: int = 4
-    extra: dict = field(default_factory=dict)
 
 
 def step_generator(device: torch.device, seed: int, step: int, rank: int) -> torch.Generator:
@@ -212,6 +210,3 @@ def fit(module: nn.Module, stream: ShardedStream, cfg: TrainConfig, env: DistEnv
             "cells_per_s": ran * stream.batch_size / seconds if seconds > 0 else float("nan"),
             "world_size": env.world_size}
 
-
-def save_json(path: str | Path, obj) -> None:
-    Path(path).write_text(json.dumps(obj, indent=1))
