@@ -39,7 +39,7 @@ from .store import Atlas
 
 logger = logging.getLogger("scatac_dist")
 
-__all__ = ["SynthParams", "synthesize", "generate_rows", "synth_obs", "synth_var"]
+__all__ = ["SynthParams", "synthesize", "generate_rows", "synth_obs", "synth_var", "repeak"]
 
 GEN_BLOCK = 1024
 _CHROM_SIZES_MB = [249, 242, 198, 190, 181, 171, 159, 145, 138, 134, 135, 133, 114, 107, 102,
@@ -224,3 +224,63 @@ def synthesize(out: str | Path, params: SynthParams | None = None, *, chunk_rows
     return write_atlas(out, [plan], obs=obs, var={"X": var}, client=client, overwrite=overwrite,
                        provenance={"params": pd_, "chunk_rows": chunk_rows}, stage="synth",
                        progress=progress)
+
+
+def repeak(X: sp.spmatrix, var: pd.DataFrame, *, seed: int = 0, max_shift: int = 100,
+           merge_fraction: float = 0.1) -> tuple[sp.csr_matrix, pd.DataFrame, np.ndarray]:
+    """The same cells as a new peak call would see them (scEmbed's transfer test).
+
+    Every peak moves by its own random shift in ``[-max_shift, max_shift]`` bp, then a share
+    ``merge_fraction`` of the peaks is merged with the next peak on the same chromosome
+    (no peak takes part in two merges); a merged peak spans both and sums their counts.
+
+    Parameters
+    ----------
+    X
+        Cells x peaks counts.
+    var
+        The peaks, with ``chr``, ``start``, ``end``.
+
+    Returns
+    -------
+    X_new, var_new, origin
+        The new counts and peaks (sorted by chromosome and start), and for each old peak the
+        index of the new peak it went into.
+    """
+    rng = np.random.default_rng([seed, 0x5E1F])
+    chrom = var["chr"].astype(str).to_numpy()
+    start = var["start"].to_numpy(np.int64)
+    end = var["end"].to_numpy(np.int64)
+    shift = rng.integers(-max_shift, max_shift + 1, len(var))
+    shift = np.maximum(shift, -start)  # keep starts >= 0
+    start, end = start + shift, end + shift
+    order = np.lexsort((start, chrom))
+    same_next = np.zeros(len(var), bool)
+    same_next[:-1] = chrom[order][:-1] == chrom[order][1:]
+    cand = rng.permutation(np.flatnonzero(same_next))
+    taken = np.zeros(len(var) + 1, bool)
+    merge_with_next = np.zeros(len(var), bool)
+    n_merge = int(round(merge_fraction * len(var)))
+    for i in cand:  # greedy: a position whose neighbours are free starts a merge
+        if n_merge == 0:
+            break
+        if not (taken[i] or taken[i + 1]):
+            taken[i] = taken[i + 1] = True
+            merge_with_next[i] = True
+            n_merge -= 1
+    # new peak number of each sorted position: a merge's second member joins the first
+    starts_new = np.ones(len(var), bool)
+    starts_new[1:] = ~merge_with_next[:-1]
+    new_of_sorted = np.cumsum(starts_new) - 1
+    origin = np.empty(len(var), np.int64)
+    origin[order] = new_of_sorted
+    n_new = int(new_of_sorted[-1]) + 1 if len(var) else 0
+    new_start = np.full(n_new, np.iinfo(np.int64).max)
+    new_end = np.zeros(n_new, np.int64)
+    np.minimum.at(new_start, origin, start)
+    np.maximum.at(new_end, origin, end)
+    new_chr = np.empty(n_new, dtype=object)
+    new_chr[origin] = chrom
+    G = sp.csr_matrix((np.ones(len(var), np.float32), (np.arange(len(var)), origin)), shape=(len(var), n_new))
+    X_new = sp.csr_matrix(sp.csr_matrix(X) @ G)
+    return X_new, peak_var(new_chr, new_start, new_end, "re-called peaks"), origin

@@ -402,6 +402,110 @@ def scale(obj, store, n_clusters, quick, nproc, device, max_iter, batch_size, lr
     _run(go)
 
 
+@main.group()
+def scembed():
+    """scEmbed: word2vec region embeddings, cell embeddings, projection and label transfer."""
+
+
+@scembed.command("train")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--epochs", type=int, default=100, show_default=True)
+@click.option("--dim", type=int, default=100, show_default=True, help="Embedding size.")
+@click.option("--window", type=int, default=5, show_default=True, help="word2vec context window.")
+@click.option("--workers", type=int, help="gensim training threads (default: cores).")
+@click.option("--min-count", type=int, default=5, show_default=True,
+              help="Vocabulary: regions accessible in at least this many cells.")
+@click.option("--alpha", type=float, default=0.1, show_default=True, help="Initial learning rate (x0.95 per epoch).")
+@click.option("--corpus", type=click.Choice(["file", "iterable"]), default="file", show_default=True,
+              help="file: shards written by the Dask workers, the next epoch while this one trains; "
+                   "iterable: read in this process (small data).")
+@click.option("--corpus-dir", type=click.Path(path_type=Path),
+              help="Folder for corpus files (default: a temporary folder; must be visible to the workers).")
+@click.option("--labels", "labels_key", metavar="KEY", help="obs column to keep as reference labels for annotate.")
+@click.option("--no-umap", is_flag=True, help="Do not fit the reference UMAP (EV-projection).")
+@click.option("--model-out", type=click.Path(path_type=Path), help="Save the model bundle to this folder.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--mod", help="Modality of a MuData store (default atac).")
+@click.pass_obj
+def scembed_train(obj, store, epochs, dim, window, workers, min_count, alpha, corpus, corpus_dir, labels_key, no_umap,
+                  model_out, seed, mod):
+    """Train on STORE and write obsm['X_scembed'] (and, with --labels, the reference for annotate)."""
+    from ..models import SCEMBED
+    from ..store import open_atlas
+
+    def go():
+        atlas = open_atlas(store, mod=mod)
+        obj.client()
+        try:
+            m = SCEMBED(epochs=epochs, dim=dim, window=window, workers=workers, min_count=min_count, alpha=alpha,
+                        corpus=corpus, corpus_dir=str(corpus_dir) if corpus_dir else None, labels_key=labels_key,
+                        umap=not no_umap, seed=seed, progress=obj.progress).fit(atlas)
+        except (ValueError, KeyError, FileNotFoundError) as exc:
+            raise click.ClickException(str(exc)) from None
+        if model_out:
+            m.save(model_out)
+        click.echo(json.dumps(m.train_summary_ | {"seconds": m.timings_}, indent=1))
+
+    _run(go)
+
+
+def _scembed_model(folder):
+    from ..models import SCEMBED
+
+    return SCEMBED.load(folder)
+
+
+@scembed.command("encode")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path), help="A trained model bundle.")
+@click.option("--key-added", default="X_scembed", show_default=True)
+@click.option("--no-umap", is_flag=True, help="E-projection only (no placement through the reference UMAP).")
+@click.option("--mod", help="Modality of a MuData store (default atac).")
+@click.pass_obj
+def scembed_encode(obj, store, model_dir, key_added, no_umap, mod):
+    """Project STORE (peaks may differ from the model's: mapped by overlap) into obsm[KEY]."""
+    from ..store import open_atlas
+
+    def go():
+        m = _scembed_model(model_dir)
+        atlas = open_atlas(store, mod=mod)
+        obj.client()
+        try:
+            _, report = m.encode(atlas, key_added=key_added, umap=not no_umap)
+        except (ValueError, KeyError) as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(json.dumps(report, indent=1))
+
+    _run(go)
+
+
+@scembed.command("annotate")
+@click.argument("store", type=click.Path(path_type=Path))
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="A model bundle trained with --labels.")
+@click.option("--k", type=int, default=15, show_default=True, help="Reference neighbours per cell.")
+@click.option("--min-confidence", type=float, default=0.5, show_default=True,
+              help="A label is confident when this share of the neighbours carries it.")
+@click.option("--no-cluster-vote", is_flag=True, help="Keep each cell's own kNN vote.")
+@click.option("--mod", help="Modality of a MuData store (default atac).")
+@click.pass_obj
+def scembed_annotate(obj, store, model_dir, k, min_confidence, no_cluster_vote, mod):
+    """Label STORE's cells from the model's reference: obs['scembed_label'], obs['scembed_confidence']."""
+    from ..store import open_atlas
+
+    def go():
+        m = _scembed_model(model_dir)
+        atlas = open_atlas(store, mod=mod)
+        obj.client()
+        try:
+            summary = m.annotate(atlas, k=k, min_confidence=min_confidence, by_cluster=not no_cluster_vote)
+        except (ValueError, KeyError) as exc:
+            raise click.ClickException(str(exc)) from None
+        click.echo(json.dumps(summary, indent=1, default=str))
+
+    _run(go)
+
+
 @main.command()
 @click.argument("store", type=click.Path(path_type=Path))
 @click.option("--color", required=True, help="obs column to colour by.")

@@ -1,0 +1,420 @@
+"""scEmbed benchmarks (issue 6). Every run is a child process whose whole process tree is
+sampled for RSS (``bench_scaling.ProcessSampler``); results go to ``results/scembed.json``.
+
+Sections:
+
+* ``quality``: k-means (k = number of labels, n_init 20) and Leiden searched to k on
+  ``obsm['X_scembed']`` (protocol of ``bench_quality.py``, seed 0) for bm0828 and Leukemia
+  after 10, 30 and 100 epochs, against SnapATAC2's k-means ARI measured beforehand.
+* ``transfer``: SNARE ATAC without ``Mis``, split in two halves stratified by label. Train on
+  one half; re-call the other half's peaks (``datasets.repeak``: every peak moved by up to
+  +-100 bp, 10% of adjacent peaks merged), project and annotate it. Macro F1 of the transferred
+  labels against 0.8x the 5-fold kNN F1 on the training half's own embeddings.
+* ``throughput``: training words/s of ``corpus="file"`` and ``corpus="iterable"`` on 2 gensim
+  workers, in the same run, on a synthetic store.
+* ``epoch``: seconds per epoch (``corpus="file"``) and peak RSS per process at each size
+  (synthetic stores of 100k peaks), training and encoding measured as separate stages.
+* ``report``: ``results/scembed.md``, ``scembed.png`` and the ``scembed`` block of RESULTS.md.
+
+Synthetic stores come from ``SCATAC_BENCH_SCRATCH`` (default ``benchmarks/work``), named
+``synth_{n//1000}k.zarr``; make them with ``scatac-dist synth``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+RESULTS = HERE / "results"
+WORK = HERE / "work" / "scembed"
+OUT = RESULTS / "scembed.json"
+GIB = 2 ** 30
+SNAPATAC2 = {"leukemia": 0.510, "bm0828": 0.435}  # k-means ARI measured beforehand (issue 6)
+
+
+def _load() -> dict:
+    return json.loads(OUT.read_text()) if OUT.exists() else {}
+
+
+def _save(section: str, key: str, value) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    res = _load()
+    res.setdefault(section, {})[key] = value
+    tmp = OUT.with_suffix(".tmp")
+    tmp.write_text(json.dumps(res, indent=1, default=float))
+    os.replace(tmp, OUT)
+
+
+def _scratch() -> Path:
+    return Path(os.environ.get("SCATAC_BENCH_SCRATCH", HERE / "work"))
+
+
+# --------------------------------------------------------------------------- one run, in a child
+
+
+def _child_quality(spec, sampler) -> dict:
+    from bench_quality import protocol
+
+    import scatac_dist as sd
+    from scatac_dist.models import SCEMBED
+
+    atlas = sd.open_atlas(spec["store"])
+    sampler.set_stage("train")
+    m = SCEMBED(progress=False, **spec["params"]).fit(atlas)
+    sampler.set_stage(None)
+    y = atlas.obs[spec["labels_key"]].astype(str).to_numpy()
+    ok = (y != "Mis") & (y != "nan")
+    res = protocol(atlas.read("obsm/X_scembed")[ok], y[ok], seed=0)
+    return res | {"n_cells": int(ok.sum()), "train": m.train_summary_, "timings": m.timings_}
+
+
+def _child_transfer(spec, sampler) -> dict:
+    from sklearn.metrics import f1_score
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+
+    import scatac_dist as sd
+    from scatac_dist.models import SCEMBED
+
+    ref, query, key, k = sd.open_atlas(spec["ref"]), sd.open_atlas(spec["query"]), spec["labels_key"], spec["k"]
+    sampler.set_stage("train")
+    t = time.perf_counter()
+    m = SCEMBED(progress=False, labels_key=key, **spec["params"]).fit(ref)
+    train_s = time.perf_counter() - t
+    m.save(spec["model"])
+    m = SCEMBED.load(spec["model"])  # annotate from the bundle alone
+    sampler.set_stage("annotate")
+    t = time.perf_counter()
+    summary = m.annotate(query, k=k)
+    annotate_s = time.perf_counter() - t
+    sampler.set_stage(None)
+    truth = query.obs[key].astype(str).to_numpy()
+    obs = query.obs
+    f1 = f1_score(truth, obs["scembed_label"].astype(str), average="macro")
+    f1_cell = f1_score(truth, obs["scembed_cell_label"].astype(str), average="macro")
+    labels = m.label_names_[m.reference_codes_]
+    own = cross_val_predict(KNeighborsClassifier(k, metric="cosine"), m.reference_, labels,
+                            cv=StratifiedKFold(5, shuffle=True, random_state=0))
+    f1_own = f1_score(labels, own, average="macro")
+    return {"macro_f1_transfer": f1, "macro_f1_transfer_cell_vote": f1_cell, "macro_f1_own_knn_5fold": f1_own,
+            "ratio": f1 / f1_own, "ratio_cell_vote": f1_cell / f1_own, "target_ratio": 0.8,
+            "n_ref_cells": int(ref.n_obs), "n_query_cells": int(query.n_obs), "n_ref_peaks": int(ref.n_vars),
+            "n_query_peaks": int(query.n_vars), "annotate": summary, "train": m.train_summary_,
+            "train_seconds": train_s, "annotate_seconds": annotate_s}
+
+
+def _child_train(spec, sampler) -> dict:
+    import scatac_dist as sd
+    from scatac_dist.models import SCEMBED
+
+    atlas = sd.open_atlas(spec["store"])
+    sampler.set_stage("train")
+    m = SCEMBED(progress=False, **spec["params"]).fit(atlas, encode=False)
+    sampler.set_stage("encode")
+    t = time.perf_counter()
+    m.encode(atlas, umap=False)
+    encode_s = time.perf_counter() - t
+    sampler.set_stage(None)
+    return {"train": m.train_summary_, "history": m.history_, "timings": m.timings_ | {"encode": encode_s}}
+
+
+def run_child(spec_path: str) -> None:
+    from bench_scaling import ProcessSampler
+    from distributed import Client, LocalCluster
+
+    spec = json.loads(Path(spec_path).read_text())
+    sampler = ProcessSampler(os.getpid())
+    sampler.start()
+    res = {"spec": spec}
+    try:
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                          memory_limit="6GiB") as cluster, Client(cluster):
+            t = time.perf_counter()
+            res.update({"quality": _child_quality, "transfer": _child_transfer,
+                        "train": _child_train}[spec["kind"]](spec, sampler))
+            res["seconds"] = time.perf_counter() - t
+            res["status"] = "ok"
+    except Exception as exc:  # where a configuration stops is a result
+        import traceback
+
+        res["status"] = f"{type(exc).__name__}: {exc}"
+        res["traceback"] = traceback.format_exc()[-2000:]
+    sampler.stop()
+    procs = sampler.per_process.values()
+    roles = {}
+    for v in procs:
+        roles[v["role"]] = max(roles.get(v["role"], 0), v["peak_rss"] / GIB)
+    res["peak_rss_by_role_gib"] = roles
+    res["peak_rss_max_process_gib"] = max((v["peak_rss"] for v in procs), default=0) / GIB
+    res["peak_rss_tree_by_stage_gib"] = {k: v / GIB for k, v in sampler.stage_tree.items()}
+    res["peak_rss_max_process_by_stage_gib"] = {k: v / GIB for k, v in sampler.stage_max_proc.items()}
+    Path(spec["out"]).write_text(json.dumps(res, indent=1, default=float))
+
+
+def _run(name: str, spec: dict) -> dict:
+    WORK.mkdir(parents=True, exist_ok=True)
+    spec = spec | {"out": str(WORK / f"{name}.json")}
+    sp = WORK / f"{name}.spec.json"
+    sp.write_text(json.dumps(spec))
+    t = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "child", str(sp)], check=False)
+    out = Path(spec["out"])
+    res = json.loads(out.read_text()) if out.exists() else {"status": "no result (child crashed)"}
+    res["subprocess_wall_s"] = time.perf_counter() - t
+    print(name, res.get("status"), {k: res.get(k) for k in ("kmeans_ari", "leiden_ari", "ratio", "seconds")},
+          (res.get("train") or {}).get("words_per_s"), flush=True)
+    return res
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def _ingest(name: str) -> Path:
+    from bench_quality import DATASETS
+
+    import scatac_dist as sd
+
+    store = WORK / f"{name}.zarr"
+    if not store.exists():
+        spec = DATASETS[name]
+        client = sd.get_client(n_workers=2, dashboard_address=":0")
+        sd.ingest(spec["inputs"], store, labels=spec["labels"], client=client, progress=False)
+        client.close()
+    return store
+
+
+def quality(sets, epochs, seeds) -> None:
+    from bench_quality import DATASETS
+
+    for name in sets:
+        store = _ingest(name)
+        for ep in epochs:
+            for seed in seeds:
+                key = f"{name}_e{ep}_seed{seed}"
+                res = _run(key, {"kind": "quality", "store": str(store), "labels_key": DATASETS[name]["key"],
+                                 "params": {"epochs": ep, "seed": seed, "umap": False}})
+                res["snapatac2_kmeans_ari"] = SNAPATAC2.get(name)
+                _save("quality", key, res)
+
+
+def _snare_halves(seed: int = 0) -> tuple[Path, Path]:
+    """Stratified halves of SNARE (``Mis`` dropped); the second with re-called peaks."""
+    import anndata as ad
+    from bench_quality import DATASETS
+    from sklearn.model_selection import train_test_split
+
+    import scatac_dist as sd
+    from scatac_dist.datasets import repeak
+
+    ref, query = WORK / "snare_ref.zarr", WORK / "snare_query.zarr"
+    if ref.exists() and query.exists():
+        return ref, query
+    key = DATASETS["snare"]["key"]
+    full = sd.open_atlas(_ingest("snare")).to_memory()
+    y = full.obs[key].astype(str).to_numpy()
+    ok = np.flatnonzero((y != "Mis") & (y != "nan"))
+    a, b = train_test_split(ok, test_size=0.5, stratify=y[ok], random_state=seed)
+    a, b = np.sort(a), np.sort(b)
+    obs = full.obs[[key]].astype(str)
+    ad.AnnData(full.X[a], obs=obs.iloc[a], var=full.var[["chr", "start", "end"]]).write_h5ad(WORK / "snare_ref.h5ad")
+    Xq, var_q, _ = repeak(full.X[b], full.var, seed=seed)
+    ad.AnnData(Xq, obs=obs.iloc[b], var=var_q).write_h5ad(WORK / "snare_query.h5ad")
+    client = sd.get_client(n_workers=2, dashboard_address=":0")
+    for h5, store in ((WORK / "snare_ref.h5ad", ref), (WORK / "snare_query.h5ad", query)):
+        sd.ingest(h5, store, client=client, progress=False, overwrite=True)
+        h5.unlink()
+    client.close()
+    return ref, query
+
+
+def transfer(epochs: int, k: int) -> None:
+    from bench_quality import DATASETS
+
+    ref, query = _snare_halves()
+    res = _run(f"transfer_e{epochs}", {"kind": "transfer", "ref": str(ref), "query": str(query),
+                                       "labels_key": DATASETS["snare"]["key"], "k": k,
+                                       "model": str(WORK / "snare_model"), "params": {"epochs": epochs}})
+    _save("transfer", f"snare_e{epochs}_k{k}", res)
+
+
+def _copy(store: Path, name: str) -> Path:
+    """Training writes obsm into the store: work on a copy of small stores."""
+    target = WORK / f"{name}.zarr"
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(store, target)
+    return target
+
+
+def throughput(store: Path, epochs: int, workers: int, tag: str) -> None:
+    target = _copy(store, f"tp_{tag}")
+    out = {}
+    for corpus in ("file", "iterable"):
+        out[corpus] = _run(f"tp_{tag}_{corpus}", {"kind": "train", "store": str(target),
+                                                   "params": {"epochs": epochs, "corpus": corpus,
+                                                              "workers": workers, "umap": False}})
+        _save("throughput", f"{tag}_{corpus}_w{workers}", out[corpus])
+    shutil.rmtree(target, ignore_errors=True)
+    f, it = (out[c].get("train") or {} for c in ("file", "iterable"))
+    if f and it:
+        _save("throughput", f"{tag}_ratio_w{workers}", {
+            "train_words_per_s_ratio": f["train_words_per_s"] / it["train_words_per_s"],
+            "end_to_end_words_per_s_ratio": f["words_per_s"] / it["words_per_s"], "target": 1.5})
+
+
+def epoch(sizes, epochs: int) -> None:
+    for n in sizes:
+        store = _scratch() / f"synth_{n // 1000}k.zarr"
+        res = _run(f"epoch_{n}", {"kind": "train", "store": str(store),
+                                  "params": {"epochs": epochs, "corpus": "file", "umap": False}})
+        res["n_cells"] = n
+        _save("epoch", str(n), res)
+
+
+def report() -> None:
+    res = _load()
+    lines = []
+    q = res.get("quality", {})
+    if q:
+        lines += ["| dataset | epochs | seed | k-means ARI | SnapATAC2 k-means ARI | Leiden ARI | training s "
+                  "| words/s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for key, r in q.items():
+            name, ep, seed = key.split("_")
+            tr = r.get("train") or {}
+            lines.append(f"| {name} | {ep[1:]} | {seed[4:]} | {r.get('kmeans_ari', float('nan')):.3f} "
+                         f"| {r.get('snapatac2_kmeans_ari')} | {r.get('leiden_ari', float('nan')):.3f} "
+                         f"| {(r.get('timings') or {}).get('train', 0):.0f} | {tr.get('words_per_s', 0):.3g} |")
+    t = res.get("transfer", {})
+    if t:
+        lines += ["", "| transfer | macro F1 (cluster vote) | macro F1 (cell vote) | 5-fold kNN F1, training half "
+                  "| ratio | target | unconfident share | peaks mapped |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for key, r in t.items():
+            if r.get("status") != "ok":
+                lines.append(f"| {key} | {r.get('status')} |")
+                continue
+            pr = r["annotate"]["projection"]
+            lines.append(f"| {key} | {r['macro_f1_transfer']:.3f} | {r['macro_f1_transfer_cell_vote']:.3f} "
+                         f"| {r['macro_f1_own_knn_5fold']:.3f} | {r['ratio']:.2f} | 0.8 "
+                         f"| {r['annotate']['share_unconfident']:.3f} | {pr['n_mapped']}/{pr['n_peaks']} |")
+    tp = res.get("throughput", {})
+    if tp:
+        lines += ["", "| throughput run | training words/s | end-to-end words/s | epochs | peak RSS largest process GiB |",
+                  "|---|---:|---:|---:|---:|"]
+        for key, r in tp.items():
+            if "ratio" in key:
+                lines.append(f"| {key} | ratio {r['train_words_per_s_ratio']:.2f} | ratio "
+                             f"{r['end_to_end_words_per_s_ratio']:.2f} | | target {r['target']} |")
+                continue
+            tr = r.get("train") or {}
+            lines.append(f"| {key} | {tr.get('train_words_per_s', 0):.3g} | {tr.get('words_per_s', 0):.3g} "
+                         f"| {tr.get('epochs')} | {r.get('peak_rss_max_process_gib', 0):.2f} |")
+    e = res.get("epoch", {})
+    if e:
+        lines += ["", "| cells | words per epoch | s per epoch | training words/s | vocabulary pass s | encode s "
+                  "| peak RSS client (train) GiB | peak RSS worker GiB | tree (train) GiB |",
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for key, r in e.items():
+            tr, tm = r.get("train") or {}, r.get("timings") or {}
+            hist = r.get("history") or []
+            spe = np.mean([h["seconds"] + h["waited_for_corpus_s"] for h in hist]) if hist else float("nan")
+            lines.append(f"| {key} | {tr.get('total_words_per_epoch', 0):.3g} | {spe:.0f} "
+                         f"| {tr.get('train_words_per_s', 0):.3g} | {tm.get('vocabulary', 0):.0f} "
+                         f"| {tm.get('encode', 0):.0f} | {(r.get('peak_rss_max_process_by_stage_gib') or {}).get('train', 0):.2f} "
+                         f"| {(r.get('peak_rss_by_role_gib') or {}).get('worker', 0):.2f} "
+                         f"| {(r.get('peak_rss_tree_by_stage_gib') or {}).get('train', 0):.2f} |")
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "scembed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    from results_md import replace_block
+
+    replace_block("scembed", "## scEmbed (`python benchmarks/bench_scembed.py quality|transfer|throughput|epoch`, "
+                  "then `report`)\n\n2 Dask workers and 2 gensim threads on this 2-core machine. Quality: k = number of "
+                  "labels, k-means (n_init 20) and Leiden searched to k on `obsm['X_scembed']` (protocol of "
+                  "`bench_quality.py`, seed 0). Transfer: SNARE halves, the query's peaks re-called "
+                  "(`datasets.repeak`). Throughput and epochs: synthetic stores of 100k peaks.\n\n" + "\n".join(lines))
+    _plot(res)
+
+
+def _plot(res: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    q = res.get("quality", {})
+    for name in ("bm0828", "leukemia"):
+        pts = sorted((int(k.split("_")[1][1:]), r.get("kmeans_ari", np.nan)) for k, r in q.items()
+                     if k.startswith(name) and k.endswith("seed0"))
+        if pts:
+            axes[0].plot(*zip(*pts), "o-", label=name)
+            axes[0].axhline(SNAPATAC2[name], ls=":", color=axes[0].lines[-1].get_color())
+    axes[0].set_xlabel("epochs")
+    axes[0].set_ylabel("k-means ARI (dotted: SnapATAC2)")
+    axes[0].legend()
+    tp = {k: r for k, r in res.get("throughput", {}).items() if "ratio" not in k}
+    if tp:
+        axes[1].barh(list(tp), [(r.get("train") or {}).get("train_words_per_s", 0) for r in tp.values()])
+        axes[1].set_xlabel("training words/s")
+    e = res.get("epoch", {})
+    if e:
+        n = [int(k) for k in e]
+        axes[2].plot(n, [(r.get("peak_rss_max_process_by_stage_gib") or {}).get("train", 0) for r in e.values()],
+                     "o-", label="largest process (training)")
+        axes[2].plot(n, [(r.get("peak_rss_tree_by_stage_gib") or {}).get("train", 0) for r in e.values()],
+                     "s-", label="all processes (training)")
+        axes[2].set_xscale("log")
+        axes[2].set_xlabel("cells")
+        axes[2].set_ylabel("peak RSS, GiB")
+        axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "scembed.png", dpi=120)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    q = sub.add_parser("quality")
+    q.add_argument("--sets", nargs="+", default=["bm0828", "leukemia"])
+    q.add_argument("--epochs", type=int, nargs="+", default=[10, 30, 100])
+    q.add_argument("--seeds", type=int, nargs="+", default=[0])
+    t = sub.add_parser("transfer")
+    t.add_argument("--epochs", type=int, default=100)
+    t.add_argument("--k", type=int, default=15)
+    tp = sub.add_parser("throughput")
+    tp.add_argument("--store", type=Path)
+    tp.add_argument("--epochs", type=int, default=3)
+    tp.add_argument("--workers", type=int, default=2)
+    tp.add_argument("--tag", default="synth10k")
+    e = sub.add_parser("epoch")
+    e.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    e.add_argument("--epochs", type=int, default=1)
+    sub.add_parser("report")
+    c = sub.add_parser("child")
+    c.add_argument("spec")
+    a = ap.parse_args(argv)
+    if a.cmd == "quality":
+        quality(a.sets, a.epochs, a.seeds)
+    elif a.cmd == "transfer":
+        transfer(a.epochs, a.k)
+    elif a.cmd == "throughput":
+        throughput(a.store or _scratch() / "synth_10k.zarr", a.epochs, a.workers, a.tag)
+    elif a.cmd == "epoch":
+        epoch(a.sizes, a.epochs)
+    elif a.cmd == "child":
+        run_child(a.spec)
+    else:
+        report()
+
+
+if __name__ == "__main__":
+    main()
