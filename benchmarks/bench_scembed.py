@@ -193,16 +193,16 @@ def _ingest(name: str) -> Path:
     return store
 
 
-def quality(sets, epochs, seeds) -> None:
+def quality(sets, epochs, seeds, sg: int = 0) -> None:
     from bench_quality import DATASETS
 
     for name in sets:
         store = _ingest(name)
         for ep in epochs:
             for seed in seeds:
-                key = f"{name}_e{ep}_seed{seed}"
+                key = f"{name}_e{ep}_seed{seed}" + ("_skipgram" if sg else "")
                 res = _run(key, {"kind": "quality", "store": str(store), "labels_key": DATASETS[name]["key"],
-                                 "params": {"epochs": ep, "seed": seed, "umap": False}})
+                                 "params": {"epochs": ep, "seed": seed, "umap": False, "sg": sg}})
                 res["snapatac2_kmeans_ari"] = SNAPATAC2.get(name)
                 _save("quality", key, res)
 
@@ -219,8 +219,14 @@ def _snare_halves(seed: int = 0) -> tuple[Path, Path]:
     ref, query = WORK / "snare_ref.zarr", WORK / "snare_query.zarr"
     if ref.exists() and query.exists():
         return ref, query
+    import zarr
+    from anndata.io import read_elem
+
     key = DATASETS["snare"]["key"]
-    full = sd.open_atlas(_ingest("snare")).to_memory()
+    store = _ingest("snare")
+    full = sd.open_atlas(store).to_memory()
+    # the 10x .h5 is a MuData store: the joined labels live in its root obs
+    full.obs = read_elem(zarr.open_group(str(store), mode="r")["obs"]).loc[full.obs_names]
     y = full.obs[key].astype(str).to_numpy()
     ok = np.flatnonzero((y != "Mis") & (y != "nan"))
     a, b = train_test_split(ok, test_size=0.5, stratify=y[ok], random_state=seed)
@@ -237,14 +243,16 @@ def _snare_halves(seed: int = 0) -> tuple[Path, Path]:
     return ref, query
 
 
-def transfer(epochs: int, k: int) -> None:
+def transfer(epochs: int, k: int, min_count: int) -> None:
     from bench_quality import DATASETS
 
     ref, query = _snare_halves()
-    res = _run(f"transfer_e{epochs}", {"kind": "transfer", "ref": str(ref), "query": str(query),
-                                       "labels_key": DATASETS["snare"]["key"], "k": k,
-                                       "model": str(WORK / "snare_model"), "params": {"epochs": epochs}})
-    _save("transfer", f"snare_e{epochs}_k{k}", res)
+    key = f"snare_e{epochs}_k{k}" + (f"_min{min_count}" if min_count != 5 else "")
+    res = _run(f"transfer_{key}", {"kind": "transfer", "ref": str(ref), "query": str(query),
+                                   "labels_key": DATASETS["snare"]["key"], "k": k,
+                                   "model": str(WORK / "snare_model"),
+                                   "params": {"epochs": epochs, "min_count": min_count}})
+    _save("transfer", key, res)
 
 
 def _copy(store: Path, name: str) -> Path:
@@ -285,12 +293,13 @@ def report() -> None:
     lines = []
     q = res.get("quality", {})
     if q:
-        lines += ["| dataset | epochs | seed | k-means ARI | SnapATAC2 k-means ARI | Leiden ARI | training s "
-                  "| words/s |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["| dataset | word2vec | epochs | seed | k-means ARI | SnapATAC2 k-means ARI | Leiden ARI "
+                  "| training s | words/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for key, r in q.items():
-            name, ep, seed = key.split("_")
+            name, ep, seed, *flavour = key.split("_")
             tr = r.get("train") or {}
-            lines.append(f"| {name} | {ep[1:]} | {seed[4:]} | {r.get('kmeans_ari', float('nan')):.3f} "
+            lines.append(f"| {name} | {flavour[0] if flavour else 'CBOW'} | {ep[1:]} | {seed[4:]} "
+                         f"| {r.get('kmeans_ari', float('nan')):.3f} "
                          f"| {r.get('snapatac2_kmeans_ari')} | {r.get('leiden_ari', float('nan')):.3f} "
                          f"| {(r.get('timings') or {}).get('train', 0):.0f} | {tr.get('words_per_s', 0):.3g} |")
     t = res.get("transfer", {})
@@ -387,9 +396,11 @@ def main(argv=None) -> None:
     q.add_argument("--sets", nargs="+", default=["bm0828", "leukemia"])
     q.add_argument("--epochs", type=int, nargs="+", default=[10, 30, 100])
     q.add_argument("--seeds", type=int, nargs="+", default=[0])
+    q.add_argument("--sg", type=int, default=0, help="1: skip-gram instead of CBOW")
     t = sub.add_parser("transfer")
     t.add_argument("--epochs", type=int, default=100)
     t.add_argument("--k", type=int, default=15)
+    t.add_argument("--min-count", type=int, default=5)
     tp = sub.add_parser("throughput")
     tp.add_argument("--store", type=Path)
     tp.add_argument("--epochs", type=int, default=3)
@@ -403,9 +414,9 @@ def main(argv=None) -> None:
     c.add_argument("spec")
     a = ap.parse_args(argv)
     if a.cmd == "quality":
-        quality(a.sets, a.epochs, a.seeds)
+        quality(a.sets, a.epochs, a.seeds, a.sg)
     elif a.cmd == "transfer":
-        transfer(a.epochs, a.k)
+        transfer(a.epochs, a.k, a.min_count)
     elif a.cmd == "throughput":
         throughput(a.store or _scratch() / "synth_10k.zarr", a.epochs, a.workers, a.tag)
     elif a.cmd == "epoch":

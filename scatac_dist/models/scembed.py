@@ -23,6 +23,15 @@ and ``end_alpha = alpha * 0.95^(e+1)``, floored at ``min_alpha``; ``alpha = 0.1`
 Other word2vec settings are gensim's (CBOW, 5 negative samples, downsampling 1e-3).
 The vocabulary is every region seen in at least ``min_count`` training cells, counted from
 the store in one pass, so no corpus scan is needed before training.
+
+Measured choices (``benchmarks/bench_scembed.py``, k-means ARI on bm0828 after 30 epochs):
+gensim's default rate 0.025 learns far too slowly under the 0.95 decay (0.11 against 0.40
+at 0.1); 0.25 gave 0.42. Skip-gram (``sg=1``) gave 0.44 on bm0828 but 0.50 against 0.70 on
+Leukemia, at 3.5x the time, so CBOW stays the default.
+
+Annotation follows the paper: each cell's kNN vote, then its cluster's majority. The
+cluster vote helps when clusters are pure and costs F1 when a cluster mixes types (rare
+types are outvoted); ``obs['scembed_cell_label']`` keeps the cell's own vote either way.
 """
 
 from __future__ import annotations
