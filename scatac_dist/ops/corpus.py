@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 
@@ -31,6 +32,17 @@ def token_keys(n_vars: int) -> np.ndarray:
     """The token string of every peak (object array), as written in corpus files."""
     w = token_width(n_vars)
     return np.array([f"{j:0{w}d}" for j in range(n_vars)], dtype=object)
+
+
+@numba.njit(cache=True, nogil=True)
+def _shuffle_segments(vals: np.ndarray, indptr: np.ndarray, u: np.ndarray) -> None:
+    """Fisher-Yates within every segment ``vals[indptr[r]:indptr[r+1]]``, in place, drawing
+    from the uniforms ``u`` (one per element): O(n), where a sort by random keys is O(n log n)."""
+    for r in range(indptr.size - 1):
+        a = indptr[r]
+        for i in range(indptr[r + 1] - 1, a, -1):
+            j = a + int(u[i] * (i - a + 1))
+            vals[i], vals[j] = vals[j], vals[i]
 
 
 def shuffled_documents(m: sp.csr_matrix, keep: np.ndarray, rng: np.random.Generator,
@@ -56,14 +68,17 @@ def shuffled_documents(m: sp.csr_matrix, keep: np.ndarray, rng: np.random.Genera
     """
     m = sp.csr_matrix(m)
     m.eliminate_zeros()
-    rows = np.repeat(np.arange(m.shape[0]), np.diff(m.indptr))
-    cols = m.indices.astype(np.int64)
-    ok = keep[cols]
-    rows, cols = rows[ok], cols[ok]
-    cell_rank = rng.permutation(m.shape[0])  # new position of each cell
-    order = np.lexsort((rng.random(cols.size), cell_rank[rows]))
-    tokens = cols[order]
-    lengths = np.bincount(cell_rank[rows], minlength=m.shape[0])
+    ok = keep[m.indices]
+    cols = m.indices[ok].astype(np.int64)
+    kept = np.concatenate([[0], np.cumsum(ok)])[m.indptr]  # kept entries before each row
+    lengths = np.diff(kept)
+    # cells in random order: gather each row's segment at its new place
+    perm = rng.permutation(m.shape[0])
+    lengths = lengths[perm]
+    new_ptr = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+    src = np.repeat(kept[:-1][perm] - new_ptr[:-1], lengths) + np.arange(new_ptr[-1])
+    tokens = cols[src]
+    _shuffle_segments(tokens, new_ptr, rng.random(tokens.size))
     lengths = lengths[lengths > 0]
     # split every cell into ceil(len / max_tokens) documents of near-equal length
     pieces = -(-lengths // max_tokens)
