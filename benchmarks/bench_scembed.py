@@ -6,12 +6,15 @@ Sections:
 * ``quality``: k-means (k = number of labels, n_init 20) and Leiden searched to k on
   ``obsm['X_scembed']`` (protocol of ``bench_quality.py``, seed 0) for bm0828 and Leukemia
   after 10, 30 and 100 epochs, against SnapATAC2's k-means ARI measured beforehand.
-* ``transfer``: SNARE ATAC without ``Mis``, split in two halves stratified by label. Train on
-  one half; re-call the other half's peaks (``datasets.repeak``: every peak moved by up to
-  +-100 bp, 10% of adjacent peaks merged), project and annotate it. Macro F1 of the transferred
-  labels against 0.8x the 5-fold kNN F1 on the training half's own embeddings.
+* ``transfer``: a labelled set (default SNARE ATAC; ``--sets snare leukemia bm0828``) without
+  ``Mis``, split in two halves stratified by label. Train on one half; re-call the other
+  half's peaks (``datasets.repeak``: every peak moved by up to +-100 bp, 10% of adjacent peaks
+  merged), project and annotate it. Macro F1 of the transferred labels against 0.8x the
+  5-fold kNN F1 on the training half's own embeddings; also the F1 of the cluster vote at
+  Leiden resolution 1 (the earlier default) from the same cell votes.
 * ``throughput``: training words/s of ``corpus="file"`` and ``corpus="iterable"`` on 2 gensim
-  workers, in the same run, on a synthetic store.
+  workers, in the same run, on a synthetic store; then gensim alone on one epoch's documents
+  held ready (a file written beforehand, in-memory lists): each mode's ceiling here.
 * ``epoch``: seconds per epoch (``corpus="file"``) and peak RSS per process at each size
   (synthetic stores of 100k peaks), training and encoding measured as separate stages.
 * ``report``: ``results/scembed.md``, ``scembed.png`` and the ``scembed`` block of RESULTS.md.
@@ -106,8 +109,20 @@ def _child_transfer(spec, sampler) -> dict:
     own = cross_val_predict(KNeighborsClassifier(k, metric="cosine"), m.reference_, labels,
                             cv=StratifiedKFold(5, shuffle=True, random_state=0))
     f1_own = f1_score(labels, own, average="macro")
+    # the cluster vote at Leiden resolution 1 (the earlier default), from the same cell votes
+    from scatac_dist.ops.label_transfer import cluster_vote
+    from scatac_dist.tl.graph import connectivities, knn_graph, leiden_labels
+
+    E = query.read("obsm/X_scembed")
+    idx, dist = knn_graph(E / np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12), 15, seed=0)
+    res1 = leiden_labels(connectivities(idx, dist, E.shape[0]), 1.0, seed=0)
+    codes = {n: i for i, n in enumerate(m.label_names_)}
+    cell = np.array([codes.get(x, -1) for x in obs["scembed_cell_label"].astype(str)])
+    vote1 = np.append(m.label_names_, "unassigned")[cluster_vote(cell, res1, len(m.label_names_))]
+    f1_res1 = f1_score(truth, vote1, average="macro")
     return {"macro_f1_transfer": f1, "macro_f1_transfer_cell_vote": f1_cell, "macro_f1_own_knn_5fold": f1_own,
             "ratio": f1 / f1_own, "ratio_cell_vote": f1_cell / f1_own, "target_ratio": 0.8,
+            "macro_f1_transfer_resolution1": f1_res1, "n_clusters_resolution1": int(len(np.unique(res1))),
             "n_ref_cells": int(ref.n_obs), "n_query_cells": int(query.n_obs), "n_ref_peaks": int(ref.n_vars),
             "n_query_peaks": int(query.n_vars), "annotate": summary, "train": m.train_summary_,
             "train_seconds": train_s, "annotate_seconds": annotate_s}
@@ -128,6 +143,49 @@ def _child_train(spec, sampler) -> dict:
     return {"train": m.train_summary_, "history": m.history_, "timings": m.timings_ | {"encode": encode_s}}
 
 
+def _child_kernel(spec, sampler) -> dict:
+    """gensim alone on one epoch's documents, held ready: the corpus file written beforehand
+    (no store reads or writing alongside) and the same documents as in-memory lists. The
+    ceiling of each mode on this machine, against which ``train`` runs are read."""
+    import tempfile
+
+    from gensim.models import Word2Vec
+
+    from scatac_dist.models._scembed_corpus import chunk_documents
+    from scatac_dist.models.scembed import SCEMBED
+    from scatac_dist.ops.corpus import encode_lines, iter_documents, token_keys, token_width
+    from scatac_dist.train.data import StoreRows
+
+    p = SCEMBED()
+    rows = StoreRows(spec["store"])
+    df = sum(np.bincount(rows.read_chunk(k)[0].indices, minlength=rows.n_vars) for k in range(rows.n_chunks))
+    keep = df >= p.min_count
+    keys = token_keys(rows.n_vars)
+    docs = [chunk_documents(rows, k, keep, 0, 0) for k in range(rows.n_chunks)]
+    n_words = int(sum(t.size for t, _ in docs))
+    out = {"total_words_per_epoch": n_words}
+    with tempfile.TemporaryDirectory(dir=WORK) as tmp:
+        path = Path(tmp) / "epoch.txt"
+        path.write_bytes(b"".join(encode_lines(t, b, token_width(rows.n_vars)) for t, b in docs))
+        lists = [d for t, b in docs for d in iter_documents(t, b, keys)]
+        for mode in ("file", "iterable"):
+            w2v = Word2Vec(vector_size=p.dim, window=p.window, min_count=1, workers=spec["workers"], seed=0,
+                           alpha=p.alpha, min_alpha=p.min_alpha)
+            w2v.build_vocab_from_freq({keys[j]: int(df[j]) for j in np.flatnonzero(keep)}, corpus_count=rows.n_cells)
+            sampler.set_stage(f"kernel_{mode}")
+            rates = []
+            for e in range(spec["epochs"]):
+                t = time.perf_counter()
+                kw = {"corpus_file": str(path)} if mode == "file" else {"corpus_iterable": lists}
+                _, raw = w2v.train(**kw, total_words=n_words, epochs=1, start_alpha=p.epoch_alpha(e),
+                                   end_alpha=p.epoch_alpha(e + 1))
+                rates.append(raw / (time.perf_counter() - t))
+            out[f"{mode}_words_per_s"] = float(np.mean(rates))
+    sampler.set_stage(None)
+    out["ratio"] = out["file_words_per_s"] / out["iterable_words_per_s"]
+    return out
+
+
 def run_child(spec_path: str) -> None:
     from bench_scaling import ProcessSampler
     from distributed import Client, LocalCluster
@@ -140,8 +198,8 @@ def run_child(spec_path: str) -> None:
         with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                           memory_limit="6GiB") as cluster, Client(cluster):
             t = time.perf_counter()
-            res.update({"quality": _child_quality, "transfer": _child_transfer,
-                        "train": _child_train}[spec["kind"]](spec, sampler))
+            res.update({"quality": _child_quality, "transfer": _child_transfer, "train": _child_train,
+                        "kernel": _child_kernel}[spec["kind"]](spec, sampler))
             res["seconds"] = time.perf_counter() - t
             res["status"] = "ok"
     except Exception as exc:  # where a configuration stops is a result
@@ -193,22 +251,26 @@ def _ingest(name: str) -> Path:
     return store
 
 
-def quality(sets, epochs, seeds, sg: int = 0) -> None:
+def quality(sets, epochs, seeds, sg: int = 0, min_count: int | None = None) -> None:
     from bench_quality import DATASETS
 
     for name in sets:
         store = _ingest(name)
         for ep in epochs:
             for seed in seeds:
-                key = f"{name}_e{ep}_seed{seed}" + ("_skipgram" if sg else "")
+                key = (f"{name}_e{ep}_seed{seed}" + ("_skipgram" if sg else "")
+                       + (f"_min{min_count}" if min_count is not None else ""))
+                params = {"epochs": ep, "seed": seed, "umap": False, "sg": sg}
+                if min_count is not None:
+                    params["min_count"] = min_count
                 res = _run(key, {"kind": "quality", "store": str(store), "labels_key": DATASETS[name]["key"],
-                                 "params": {"epochs": ep, "seed": seed, "umap": False, "sg": sg}})
+                                 "params": params})
                 res["snapatac2_kmeans_ari"] = SNAPATAC2.get(name)
                 _save("quality", key, res)
 
 
-def _snare_halves(seed: int = 0) -> tuple[Path, Path]:
-    """Stratified halves of SNARE (``Mis`` dropped); the second with re-called peaks."""
+def _halves(name: str, seed: int = 0) -> tuple[Path, Path]:
+    """Stratified halves of a labelled set (``Mis`` dropped); the second with re-called peaks."""
     import anndata as ad
     from bench_quality import DATASETS
     from sklearn.model_selection import train_test_split
@@ -216,42 +278,44 @@ def _snare_halves(seed: int = 0) -> tuple[Path, Path]:
     import scatac_dist as sd
     from scatac_dist.datasets import repeak
 
-    ref, query = WORK / "snare_ref.zarr", WORK / "snare_query.zarr"
+    ref, query = WORK / f"{name}_ref.zarr", WORK / f"{name}_query.zarr"
     if ref.exists() and query.exists():
         return ref, query
     import zarr
     from anndata.io import read_elem
 
-    key = DATASETS["snare"]["key"]
-    store = _ingest("snare")
+    key = DATASETS[name]["key"]
+    store = _ingest(name)
     full = sd.open_atlas(store).to_memory()
-    # the 10x .h5 is a MuData store: the joined labels live in its root obs
-    full.obs = read_elem(zarr.open_group(str(store), mode="r")["obs"]).loc[full.obs_names]
+    if full.obs.get(key) is None:
+        # a 10x .h5 of joint RNA+ATAC is a MuData store: the joined labels live in its root obs
+        full.obs = read_elem(zarr.open_group(str(store), mode="r")["obs"]).loc[full.obs_names]
     y = full.obs[key].astype(str).to_numpy()
     ok = np.flatnonzero((y != "Mis") & (y != "nan"))
     a, b = train_test_split(ok, test_size=0.5, stratify=y[ok], random_state=seed)
     a, b = np.sort(a), np.sort(b)
     obs = full.obs[[key]].astype(str)
-    ad.AnnData(full.X[a], obs=obs.iloc[a], var=full.var[["chr", "start", "end"]]).write_h5ad(WORK / "snare_ref.h5ad")
+    h5_ref, h5_query = WORK / f"{name}_ref.h5ad", WORK / f"{name}_query.h5ad"
+    ad.AnnData(full.X[a], obs=obs.iloc[a], var=full.var[["chr", "start", "end"]]).write_h5ad(h5_ref)
     Xq, var_q, _ = repeak(full.X[b], full.var, seed=seed)
-    ad.AnnData(Xq, obs=obs.iloc[b], var=var_q).write_h5ad(WORK / "snare_query.h5ad")
+    ad.AnnData(Xq, obs=obs.iloc[b], var=var_q).write_h5ad(h5_query)
     client = sd.get_client(n_workers=2, dashboard_address=":0")
-    for h5, store in ((WORK / "snare_ref.h5ad", ref), (WORK / "snare_query.h5ad", query)):
+    for h5, store in ((h5_ref, ref), (h5_query, query)):
         sd.ingest(h5, store, client=client, progress=False, overwrite=True)
         h5.unlink()
     client.close()
     return ref, query
 
 
-def transfer(epochs: int, k: int, min_count: int) -> None:
+def transfer(name: str, epochs: int, k: int, min_count: int | None) -> None:
     from bench_quality import DATASETS
 
-    ref, query = _snare_halves()
-    key = f"snare_e{epochs}_k{k}" + (f"_min{min_count}" if min_count != 5 else "")
+    ref, query = _halves(name)
+    key = f"{name}_e{epochs}_k{k}" + (f"_min{min_count}" if min_count is not None else "")
+    params = {"epochs": epochs} | ({"min_count": min_count} if min_count is not None else {})
     res = _run(f"transfer_{key}", {"kind": "transfer", "ref": str(ref), "query": str(query),
-                                   "labels_key": DATASETS["snare"]["key"], "k": k,
-                                   "model": str(WORK / "snare_model"),
-                                   "params": {"epochs": epochs, "min_count": min_count}})
+                                   "labels_key": DATASETS[name]["key"], "k": k,
+                                   "model": str(WORK / f"{name}_model"), "params": params})
     _save("transfer", key, res)
 
 
@@ -272,6 +336,8 @@ def throughput(store: Path, epochs: int, workers: int, tag: str) -> None:
                                                               "workers": workers, "umap": False}})
         _save("throughput", f"{tag}_{corpus}_w{workers}", out[corpus])
     shutil.rmtree(target, ignore_errors=True)
+    kern = _run(f"tp_{tag}_kernel", {"kind": "kernel", "store": str(target), "epochs": epochs, "workers": workers})
+    _save("throughput", f"{tag}_kernel_w{workers}", kern)
     f, it = (out[c].get("train") or {} for c in ("file", "iterable"))
     if f and it:
         _save("throughput", f"{tag}_ratio_w{workers}", {
@@ -297,6 +363,7 @@ def report() -> None:
                   "| training s | words/s |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for key, r in q.items():
             name, ep, seed, *flavour = key.split("_")
+            flavour = [" ".join(flavour)] if flavour else []
             tr = r.get("train") or {}
             lines.append(f"| {name} | {flavour[0] if flavour else 'CBOW'} | {ep[1:]} | {seed[4:]} "
                          f"| {r.get('kmeans_ari', float('nan')):.3f} "
@@ -304,14 +371,18 @@ def report() -> None:
                          f"| {(r.get('timings') or {}).get('train', 0):.0f} | {tr.get('words_per_s', 0):.3g} |")
     t = res.get("transfer", {})
     if t:
-        lines += ["", "| transfer | macro F1 (cluster vote) | macro F1 (cell vote) | 5-fold kNN F1, training half "
-                  "| ratio | target | unconfident share | peaks mapped |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+        lines += ["", "| transfer | macro F1 (cluster vote) | clusters | macro F1 (cell vote) "
+                  "| F1, cluster vote at resolution 1 (clusters) | 5-fold kNN F1, training half "
+                  "| ratio | target | unconfident share | peaks mapped |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for key, r in t.items():
             if r.get("status") != "ok":
                 lines.append(f"| {key} | {r.get('status')} |")
                 continue
             pr = r["annotate"]["projection"]
-            lines.append(f"| {key} | {r['macro_f1_transfer']:.3f} | {r['macro_f1_transfer_cell_vote']:.3f} "
+            res1 = (f"{r['macro_f1_transfer_resolution1']:.3f} ({r['n_clusters_resolution1']})"
+                    if "macro_f1_transfer_resolution1" in r else "")
+            lines.append(f"| {key} | {r['macro_f1_transfer']:.3f} | {r['annotate']['n_clusters']} "
+                         f"| {r['macro_f1_transfer_cell_vote']:.3f} | {res1} "
                          f"| {r['macro_f1_own_knn_5fold']:.3f} | {r['ratio']:.2f} | 0.8 "
                          f"| {r['annotate']['share_unconfident']:.3f} | {pr['n_mapped']}/{pr['n_peaks']} |")
     tp = res.get("throughput", {})
@@ -322,6 +393,12 @@ def report() -> None:
             if "ratio" in key:
                 lines.append(f"| {key} | ratio {r['train_words_per_s_ratio']:.2f} | ratio "
                              f"{r['end_to_end_words_per_s_ratio']:.2f} | | target {r['target']} |")
+                continue
+            if "kernel" in key:
+                if r.get("status") == "ok":
+                    lines.append(f"| {key}: gensim alone, file / in-memory lists | {r['file_words_per_s']:.3g} / "
+                                 f"{r['iterable_words_per_s']:.3g} (ratio {r['ratio']:.2f}) | | | "
+                                 f"{r.get('peak_rss_max_process_gib', 0):.2f} |")
                 continue
             tr = r.get("train") or {}
             lines.append(f"| {key} | {tr.get('train_words_per_s', 0):.3g} | {tr.get('words_per_s', 0):.3g} "
@@ -370,7 +447,7 @@ def _plot(res: dict) -> None:
     axes[0].set_xlabel("epochs")
     axes[0].set_ylabel("k-means ARI (dotted: SnapATAC2)")
     axes[0].legend()
-    tp = {k: r for k, r in res.get("throughput", {}).items() if "ratio" not in k}
+    tp = {k: r for k, r in res.get("throughput", {}).items() if "ratio" not in k and "kernel" not in k}
     if tp:
         axes[1].barh(list(tp), [(r.get("train") or {}).get("train_words_per_s", 0) for r in tp.values()])
         axes[1].set_xlabel("training words/s")
@@ -397,10 +474,12 @@ def main(argv=None) -> None:
     q.add_argument("--epochs", type=int, nargs="+", default=[10, 30, 100])
     q.add_argument("--seeds", type=int, nargs="+", default=[0])
     q.add_argument("--sg", type=int, default=0, help="1: skip-gram instead of CBOW")
+    q.add_argument("--min-count", type=int, help="vocabulary threshold (default: the model's)")
     t = sub.add_parser("transfer")
+    t.add_argument("--sets", nargs="+", default=["snare"], help="labelled sets to split (bench_quality.DATASETS)")
     t.add_argument("--epochs", type=int, default=100)
     t.add_argument("--k", type=int, default=15)
-    t.add_argument("--min-count", type=int, default=5)
+    t.add_argument("--min-count", type=int, help="vocabulary threshold (default: the model's)")
     tp = sub.add_parser("throughput")
     tp.add_argument("--store", type=Path)
     tp.add_argument("--epochs", type=int, default=3)
@@ -414,9 +493,10 @@ def main(argv=None) -> None:
     c.add_argument("spec")
     a = ap.parse_args(argv)
     if a.cmd == "quality":
-        quality(a.sets, a.epochs, a.seeds, a.sg)
+        quality(a.sets, a.epochs, a.seeds, a.sg, a.min_count)
     elif a.cmd == "transfer":
-        transfer(a.epochs, a.k, a.min_count)
+        for name in a.sets:
+            transfer(name, a.epochs, a.k, a.min_count)
     elif a.cmd == "throughput":
         throughput(a.store or _scratch() / "synth_10k.zarr", a.epochs, a.workers, a.tag)
     elif a.cmd == "epoch":

@@ -206,11 +206,11 @@ def test_annotation_transfers_labels_and_bundle_round_trips(trained, tmp_path):
     from sklearn.metrics import f1_score
 
     truth = obs["celltype"].astype(str).to_numpy()
-    # the yardstick: at least 0.8x the 5-fold kNN F1 on the reference's own embeddings.
-    # Measured here on each cell's own vote (0.87 against 0.90). The paper's cluster vote is
-    # the final label; on this small set one Leiden cluster of low-signal cells mixes three
-    # types and the vote costs F1 (0.71), while on the same cells with the training peaks it
-    # gains (0.95 against 0.90). benchmarks/bench_scembed.py reports both on SNARE.
+    # the yardstick: at least 0.8x the 5-fold kNN F1 on the reference's own embeddings,
+    # for each cell's own vote and for the final (cluster-vote) label. Measured: cell vote
+    # 0.873, final 0.855, own 0.934. At Leiden resolution 1 (the earlier default) one cluster
+    # of low-signal cells mixed three types and the final label fell to 0.71; the clusters are
+    # now searched for 3 per reference label. benchmarks/bench_scembed.py reports both on SNARE.
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.neighbors import KNeighborsClassifier
 
@@ -219,7 +219,9 @@ def test_annotation_transfers_labels_and_bundle_round_trips(trained, tmp_path):
     own = cross_val_predict(KNeighborsClassifier(10, metric="cosine"), loaded.reference_, ref_labels,
                             cv=StratifiedKFold(5, shuffle=True, random_state=0))
     f1_own = f1_score(ref_labels, own, average="macro")
+    f1_final = f1_score(truth, obs["scembed_label"].astype(str), average="macro")
     assert f1_cell >= 0.8 * f1_own, (f1_cell, f1_own)
+    assert f1_final >= 0.8 * f1_own, (f1_final, f1_own)
     # the final label is the majority of the cell votes in each cluster
     for _, grp in obs.groupby("scembed_cluster", observed=True):
         vc = grp["scembed_cell_label"].astype(str).value_counts()
@@ -232,6 +234,14 @@ def test_annotation_transfers_labels_and_bundle_round_trips(trained, tmp_path):
     # the loaded model annotates as the trained one does
     again = model.annotate(q, k=10)
     assert again["label_counts"] == summary["label_counts"]
+    # the cluster vote's Leiden resolution is searched for 3 clusters per reference label ...
+    assert summary["target_clusters"] == 3 * len(loaded.label_names_)
+    assert abs(summary["n_clusters"] - summary["target_clusters"]) <= 2, summary["n_clusters"]
+    # ... unless one is given
+    coarse = loaded.annotate(q, k=10, resolution=0.05)
+    assert coarse["resolution"] == 0.05 and coarse["target_clusters"] is None
+    assert coarse["n_clusters"] < summary["n_clusters"]
+    assert q.obs["scembed_cluster"].nunique() == coarse["n_clusters"]
 
 
 def test_votes_match_counter():

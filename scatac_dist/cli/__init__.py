@@ -487,9 +487,13 @@ def scembed_encode(obj, store, model_dir, key_added, no_umap, mod):
 @click.option("--min-confidence", type=float, default=0.5, show_default=True,
               help="A label is confident when this share of the neighbours carries it.")
 @click.option("--no-cluster-vote", is_flag=True, help="Keep each cell's own kNN vote.")
+@click.option("--resolution", type=float,
+              help="Leiden resolution of the cluster vote (default: searched for --clusters-per-label).")
+@click.option("--clusters-per-label", type=float, default=3.0, show_default=True,
+              help="Cluster vote: clusters per reference label (at most one per 10 cells).")
 @click.option("--mod", help="Modality of a MuData store (default atac).")
 @click.pass_obj
-def scembed_annotate(obj, store, model_dir, k, min_confidence, no_cluster_vote, mod):
+def scembed_annotate(obj, store, model_dir, k, min_confidence, no_cluster_vote, resolution, clusters_per_label, mod):
     """Label STORE's cells from the model's reference: obs['scembed_label'], obs['scembed_confidence']."""
     from ..store import open_atlas
 
@@ -498,7 +502,8 @@ def scembed_annotate(obj, store, model_dir, k, min_confidence, no_cluster_vote, 
         atlas = open_atlas(store, mod=mod)
         obj.client()
         try:
-            summary = m.annotate(atlas, k=k, min_confidence=min_confidence, by_cluster=not no_cluster_vote)
+            summary = m.annotate(atlas, k=k, min_confidence=min_confidence, by_cluster=not no_cluster_vote,
+                                 resolution=resolution, clusters_per_label=clusters_per_label)
         except (ValueError, KeyError) as exc:
             raise click.ClickException(str(exc)) from None
         click.echo(json.dumps(summary, indent=1, default=str))
