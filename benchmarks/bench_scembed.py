@@ -336,7 +336,8 @@ def throughput(store: Path, epochs: int, workers: int, tag: str) -> None:
                                                               "workers": workers, "umap": False}})
         _save("throughput", f"{tag}_{corpus}_w{workers}", out[corpus])
     shutil.rmtree(target, ignore_errors=True)
-    kern = _run(f"tp_{tag}_kernel", {"kind": "kernel", "store": str(target), "epochs": epochs, "workers": workers})
+    # reads only: the original store will do
+    kern = _run(f"tp_{tag}_kernel", {"kind": "kernel", "store": str(store), "epochs": epochs, "workers": workers})
     _save("throughput", f"{tag}_kernel_w{workers}", kern)
     f, it = (out[c].get("train") or {} for c in ("file", "iterable"))
     if f and it:

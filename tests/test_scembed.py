@@ -302,11 +302,12 @@ def test_cli_train_encode_annotate(trained, tmp_path, cluster):
            "scembed"]
     a, b = folder / "a.zarr", folder / "b.zarr"
     out = subprocess.run(exe + ["train", str(a), "--epochs", "3", "--min-count", "3", "--labels", "celltype",
-                                "--workers", "2", "--model-out", str(tmp_path / "m")],
+                                "--workers", "2", "--skip-gram", "--model-out", str(tmp_path / "m")],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
     assert res["epochs"] == 3 and res["n_vocabulary"] > 0 and (tmp_path / "m" / "reference" / "index.faiss").exists()
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["params"]["sg"] == 1
     out = subprocess.run(exe + ["encode", str(b), "--model", str(tmp_path / "m")], capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr

@@ -421,14 +421,15 @@ def scembed():
                    "iterable: read in this process (small data).")
 @click.option("--corpus-dir", type=click.Path(path_type=Path),
               help="Folder for corpus files (default: a temporary folder; must be visible to the workers).")
+@click.option("--skip-gram", is_flag=True, help="word2vec skip-gram instead of CBOW (about 3.4x slower).")
 @click.option("--labels", "labels_key", metavar="KEY", help="obs column to keep as reference labels for annotate.")
 @click.option("--no-umap", is_flag=True, help="Do not fit the reference UMAP (EV-projection).")
 @click.option("--model-out", type=click.Path(path_type=Path), help="Save the model bundle to this folder.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--mod", help="Modality of a MuData store (default atac).")
 @click.pass_obj
-def scembed_train(obj, store, epochs, dim, window, workers, min_count, alpha, corpus, corpus_dir, labels_key, no_umap,
-                  model_out, seed, mod):
+def scembed_train(obj, store, epochs, dim, window, workers, min_count, alpha, corpus, corpus_dir, skip_gram, labels_key,
+                  no_umap, model_out, seed, mod):
     """Train on STORE and write obsm['X_scembed'] (and, with --labels, the reference for annotate)."""
     from ..models import SCEMBED
     from ..store import open_atlas
@@ -438,7 +439,8 @@ def scembed_train(obj, store, epochs, dim, window, workers, min_count, alpha, co
         obj.client()
         try:
             m = SCEMBED(epochs=epochs, dim=dim, window=window, workers=workers, min_count=min_count, alpha=alpha,
-                        corpus=corpus, corpus_dir=str(corpus_dir) if corpus_dir else None, labels_key=labels_key,
+                        corpus=corpus, corpus_dir=str(corpus_dir) if corpus_dir else None, sg=int(skip_gram),
+                        labels_key=labels_key,
                         umap=not no_umap, seed=seed, progress=obj.progress).fit(atlas)
         except (ValueError, KeyError, FileNotFoundError) as exc:
             raise click.ClickException(str(exc)) from None

@@ -24,10 +24,13 @@ Other word2vec settings are gensim's (CBOW, 5 negative samples, downsampling 1e-
 The vocabulary is every region seen in at least ``min_count`` training cells, counted from
 the store in one pass, so no corpus scan is needed before training.
 
-Measured choices (``benchmarks/bench_scembed.py``, k-means ARI on bm0828 after 30 epochs):
-gensim's default rate 0.025 learns far too slowly under the 0.95 decay (0.11 against 0.40
-at 0.1); 0.25 gave 0.42. Skip-gram (``sg=1``) gave 0.44 on bm0828 but 0.50 against 0.70 on
-Leukemia, at 3.5x the time, so CBOW stays the default.
+Measured choices (``benchmarks/bench_scembed.py``, k-means ARI): gensim's default rate 0.025
+learns far too slowly under the 0.95 decay (bm0828 after 30 epochs: 0.11 against 0.40 at
+0.1; 0.25 gave 0.42). CBOW, gensim's default and the authors' package's, stays the default:
+at 100 epochs it gives bm0828 0.416 +- 0.003 (3 seeds) and Leukemia 0.750 +- 0.013, where
+skip-gram (``sg=1``) gives 0.479 and 0.586 (seed 0) at 3.4x the training time. The authors'
+``min_count`` of 10 changed nothing on bm0828 (every peak is in >= 10 cells) and gave 0.756
+on Leukemia; gensim's 5 stays.
 
 Annotation follows the paper: each cell's kNN vote, then its cluster's majority. The
 cluster vote helps when clusters are pure and costs F1 when a cluster mixes types (rare
