@@ -280,6 +280,8 @@ def test_bad_input(trained, synth, tmp_path, client):
         SCEMBED(corpus="disk").fit(synth)
     with pytest.raises(InputError, match="no region is accessible in >= 100000 cells"):
         SCEMBED(min_count=100_000, progress=False).fit(synth)
+    with pytest.raises(ValueError, match="clusters_per_label must be > 0"):
+        model.annotate(synth, clusters_per_label=0)
     with pytest.raises(ValueError, match="no reference cells"):
         SCEMBED(epochs=1, progress=False).fit(synth).annotate(synth)
 

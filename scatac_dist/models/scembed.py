@@ -404,6 +404,9 @@ class SCEMBED:
         """
         from ..tl.graph import connectivities, knn_graph, leiden_labels, search_resolution
 
+        if not clusters_per_label > 0:
+            raise ValueError(f"clusters_per_label must be > 0 (got {clusters_per_label}); "
+                             "use by_cluster=False (--no-cluster-vote) to skip the cluster vote")
         if getattr(self, "reference_", None) is None:
             raise ValueError("this model has no reference cells: train with labels_key=... "
                              "(--labels KEY) or call set_reference()")
