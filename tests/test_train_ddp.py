@@ -43,6 +43,22 @@ def test_store_rows_match_the_matrix(store):
     np.testing.assert_array_equal(b.to_dense().numpy(), (X[b.cells][:, peaks].toarray() > 0))
 
 
+def test_chunk_cache_is_bounded_and_changes_nothing(store):
+    plain = StoreRows(store, chunk_rows=40)
+    one = plain.read_chunk(0)[0]
+    budget = 3 * (one.data.nbytes + one.indices.nbytes + one.indptr.nbytes + 40 * 8)
+    cached = StoreRows(store, chunk_rows=40, cache_bytes=budget)
+    for _ in range(2):  # the second pass is served from the cache where it holds the chunk
+        a = [b.cells for b in ShardedStream(plain, batch_size=32, seed=3).epoch(0)]
+        b = [b for b in ShardedStream(cached, batch_size=32, seed=3).epoch(0)]
+        np.testing.assert_array_equal(np.concatenate(a), np.concatenate([x.cells for x in b]))
+    assert 0 < len(cached._cache) < cached.n_chunks                # some chunks, never all
+    assert cached._cached <= budget
+    for k in cached._cache:
+        np.testing.assert_array_equal(cached.read_chunk(k)[0].toarray(), plain.read_chunk(k)[0].toarray())
+    assert not StoreRows(store, chunk_rows=40)._cache                # off by default
+
+
 def test_shards_are_disjoint_shuffled_and_resumable(store):
     rows = StoreRows(store, chunk_rows=40)
     streams = [ShardedStream(rows, batch_size=32, rank=r, world=2, seed=3) for r in range(2)]
@@ -161,3 +177,26 @@ def test_cli_under_torchrun(store, tmp_path):
     assert out["world_size"] == 2 and out["steps"] == 30
     a = open_atlas(dst)
     assert "X_scale" in a.keys("obsm") and a.obs["scale_kmeans"].notna().sum() == a.obs["scale_used"].sum()
+
+
+def _report_env(path):
+    Path(path).write_text(json.dumps({"omp": os.environ.get("OMP_NUM_THREADS"),
+                                      "malloc": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+                                      "threads": torch.get_num_threads()}))
+
+
+def test_launched_ranks_do_not_inherit_dask_worker_settings(client, tmp_path, monkeypatch):
+    """A LocalCluster leaves its workers' OMP_NUM_THREADS=1 and MALLOC_TRIM_THRESHOLD_ in the
+    parent's environment; training processes launched after it must not get them (they halved
+    SCALE's throughput). A value the user set differently is left alone."""
+    import dask
+
+    want = dask.config.get("distributed.nanny.pre-spawn-environ")
+    for k, v in want.items():  # what the running LocalCluster's nanny does to this process
+        monkeypatch.setenv(k, str(v))
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "3")  # the user's own choice
+    launch(_report_env, (str(tmp_path / "env.json"),), 1, threads_per_proc=2)
+    got = json.loads((tmp_path / "env.json").read_text())
+    assert got == {"omp": None, "malloc": None, "threads": 2}
+    assert os.environ["MALLOC_TRIM_THRESHOLD_"] == str(want["MALLOC_TRIM_THRESHOLD_"])  # restored here
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "3"

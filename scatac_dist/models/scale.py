@@ -28,6 +28,16 @@ Choices, with reasons (docs/architecture.md has the longer story):
   the latent means: paper schedule 0.15 after 3,000 steps; constant 2e-4 0.02 after 1,500;
   constant 2e-3 0.62 after 3,000. Both the paper-era code and ours warm the KL weight up
   linearly over the first 200 steps and start from Xavier-normal weights.
+* **Batch 32 by default, as in the paper.** On 2 CPU cores a step on Leukemia (7,410 peaks)
+  costs about 30 ms whatever its cells: the first layer's gradient, the clipping norm and
+  Adam each pass over all 7.6 M first-layer weights. Batch 32 trains at 890-980 cells/s and
+  batch 256 at 3,160-3,350 (2026-11-30). But Leukemia has 391 cells: at batch 256 a step is
+  most of the set and 1,000 steps are 1,000 epochs, and the mixture prior collapses. One
+  component takes about 93 % of the weight with variances near 25, the other means decay to
+  0, and k-means on the latent means loses the clusters while Leiden keeps them: at lr 6e-3
+  and 1,000 steps, k-means ARI 0.502, 0.208 and -0.002 over seeds 0-2 (Leiden 0.713, 0.724,
+  0.666); at lr 2e-3 (seed 0), 0.494 at 2,000 steps and 0 from 3,000. Larger batches pay on
+  an atlas, where an epoch is thousands of steps (``bench_scale.py epoch`` uses 256).
 * **Early stopping not before 5,000 steps** (``min_iter``). The paper stops after 10 epochs
   without improvement. On a small set an epoch is a few steps (12 on Leukemia), and the
   epoch loss's noise then outweighs its slow late improvement: the rule fired at 2,076
@@ -48,6 +58,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 import time
@@ -68,6 +79,10 @@ from ..train import DistEnv, ShardedStream, StoreRows, TrainConfig, cleanup, fit
 logger = logging.getLogger("scatac_dist")
 
 __all__ = ["SCALE", "js_specificity", "feature_peaks", "binarize_imputed"]
+
+# decoded chunks a training rank keeps in memory: a small set is read from zarr once, not
+# every epoch; an atlas streams past the first 256 MiB (see train.data)
+CACHE_BYTES = 256 * 2**20
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -114,6 +129,14 @@ def binarize_imputed(P: np.ndarray, peak_mean: np.ndarray, cell_mean: np.ndarray
 # ----------------------------------------------------------------------------- training entry
 
 
+def _cores() -> int:
+    """Cores this process may run on (the affinity mask, which SLURM and containers set)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 def _train_rank(spec: dict) -> None:
     """One rank's training: join the process group, stream this rank's shard, train, save."""
     env = DistEnv.from_environ()
@@ -125,7 +148,7 @@ def _train_rank(spec: dict) -> None:
     try:
         masks = np.load(spec["masks"])
         rows = StoreRows(spec["store"], mod=spec["mod"], cells=masks["cells"], peaks=np.flatnonzero(masks["peaks"]),
-                         chunk_rows=spec["chunk_rows"])
+                         chunk_rows=spec["chunk_rows"], cache_bytes=CACHE_BYTES)
         stream = ShardedStream(rows, batch_size=cfg.batch_size, rank=env.rank, world=env.world_size,
                                seed=cfg.seed, buffer_chunks=cfg.buffer_chunks)
         module = SCALEModule(**spec["module"])
@@ -335,8 +358,18 @@ class SCALE:
             spec = {"store": str(atlas.path), "mod": atlas.mod, "chunk_rows": unit,
                     "masks": str(tmp / "masks.npz"), "init": str(tmp / "init.pt"), "out": str(tmp / "out.pt"),
                     "module": module.config(), "train": asdict(tcfg)}
-            if env.distributed or self.nproc <= 1:
-                _train_rank(spec)  # this process is the job (single, or one rank of torchrun/srun)
+            if env.distributed:
+                _train_rank(spec)  # this process is one rank of torchrun/srun: threads are the launcher's call
+            elif self.nproc <= 1:
+                # all of this machine's cores: a Dask LocalCluster started earlier in this process
+                # leaves OMP_NUM_THREADS=1 behind, and a child started after it trained on one core
+                # (1,411 against 3,168 cells/s on Leukemia at batch 256)
+                prev = torch.get_num_threads()
+                torch.set_num_threads(_cores())
+                try:
+                    _train_rank(spec)
+                finally:
+                    torch.set_num_threads(prev)
             else:
                 launch(_train_rank, (spec,), self.nproc)
             if env.rank != 0:

@@ -16,6 +16,7 @@ when one fails, the others are stopped and the error is raised in the parent.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -97,6 +98,30 @@ def _child(local_rank: int, fn, args, nproc: int, port: int, threads: int | None
     fn(*args)
 
 
+@contextlib.contextmanager
+def without_dask_worker_environ():
+    """Take out of ``os.environ``, for the duration, what a Dask Nanny wrote into it for its workers.
+
+    Starting a ``LocalCluster`` sets ``distributed.nanny.pre-spawn-environ`` (``OMP_NUM_THREADS=1``,
+    ``MALLOC_TRIM_THRESHOLD_=65536``, ...) in the *parent's* environment and leaves it there.
+    A training process spawned afterwards inherited it: one thread, and a malloc that returns
+    every large buffer to the kernel, so each step page-faults its gradients back in. SCALE on
+    Leukemia at batch 256 trained at 1,953 cells/s with that malloc setting against 3,156
+    without. Only variables that still hold Dask's value are removed.
+    """
+    try:
+        import dask
+
+        dask_env = dask.config.get("distributed.nanny.pre-spawn-environ", default={}) or {}
+    except ImportError:
+        dask_env = {}
+    saved = {k: os.environ.pop(k) for k, v in dask_env.items() if os.environ.get(k) == str(v)}
+    try:
+        yield saved
+    finally:
+        os.environ.update(saved)
+
+
 def launch(fn, args: tuple, nproc: int, *, threads_per_proc: int | None = None) -> None:
     """Run ``fn(*args)`` in ``nproc`` fresh processes that form one job on this machine.
 
@@ -108,5 +133,6 @@ def launch(fn, args: tuple, nproc: int, *, threads_per_proc: int | None = None) 
 
     if threads_per_proc is None:
         threads_per_proc = max(1, (os.cpu_count() or 1) // nproc)
-    mp.start_processes(_child, args=(fn, args, nproc, free_port(), threads_per_proc), nprocs=nproc,
-                       join=True, start_method="spawn")
+    with without_dask_worker_environ():
+        mp.start_processes(_child, args=(fn, args, nproc, free_port(), threads_per_proc), nprocs=nproc,
+                           join=True, start_method="spawn")
