@@ -361,9 +361,9 @@ class SCALE:
             if env.distributed:
                 _train_rank(spec)  # this process is one rank of torchrun/srun: threads are the launcher's call
             elif self.nproc <= 1:
-                # all of this machine's cores: a Dask LocalCluster started earlier in this process
-                # leaves OMP_NUM_THREADS=1 behind, and a child started after it trained on one core
-                # (1,411 against 3,168 cells/s on Leukemia at batch 256)
+                # all the cores this process may use: a Dask LocalCluster started earlier leaves
+                # OMP_NUM_THREADS=1 in the environment, and a process that starts torch after that
+                # trains on one core (train.dist.without_dask_worker_environ has the measurements)
                 prev = torch.get_num_threads()
                 torch.set_num_threads(_cores())
                 try:
