@@ -31,7 +31,7 @@ Choices, with reasons (docs/architecture.md has the longer story):
 * **Batch 32 by default, as in the paper.** On 2 CPU cores a step on Leukemia (7,410 peaks)
   costs about 30 ms whatever its cells: the first layer's gradient, the clipping norm and
   Adam each pass over all 7.6 M first-layer weights. Batch 32 trains at 890-980 cells/s and
-  batch 256 at 3,160-3,350 (2026-11-30). But Leukemia has 391 cells: at batch 256 a step is
+  batch 256 at 2,990-3,090 (2026-11-30). But Leukemia has 391 cells: at batch 256 a step is
   most of the set and 1,000 steps are 1,000 epochs, and the mixture prior collapses. One
   component takes about 93 % of the weight with variances near 25, the other means decay to
   0, and k-means on the latent means loses the clusters while Leiden keeps them: at lr 6e-3
