@@ -113,6 +113,18 @@ def test_cli_scale_and_estimated_k(sim, tmp_path):
     assert m.module_.n_components == out["n_clusters"]
 
 
+def test_training_alone_writes_nothing(sim, tmp_path):
+    store = _copy(sim[0], tmp_path / "t.zarr")
+    before = set(open_atlas(store).obs.columns)
+    m = SCALE(n_clusters=3, quick=True, max_iter=20, min_cells=1, min_reads=1, progress=False).fit(
+        store, outputs=False)
+    assert m.summary_["steps"] == 20 and m.n_cells_ >= 290 and "outputs" not in m.timings_
+    a = open_atlas(store)
+    assert set(a.obs.columns) == before and "X_scale" not in a.keys("obsm") and "scale" not in a.provenance()
+    m.save(tmp_path / "model")                                      # the trained model is still usable
+    assert SCALE.load(tmp_path / "model").module_.n_components == 3
+
+
 def test_bad_input_is_refused(sim, tmp_path):
     store = _copy(sim[0], tmp_path / "b.zarr")
     with pytest.raises(ValueError, match="min_reads"):

@@ -308,11 +308,14 @@ class SCALE:
                 gams.append(module.prior.responsibilities(mu.float()).cpu().numpy())
         return np.concatenate(mus), (np.concatenate(gams) if gamma else None)
 
-    def fit(self, store: str | Path | Atlas, *, mod: str | None = None) -> SCALE:
+    def fit(self, store: str | Path | Atlas, *, mod: str | None = None, outputs: bool = True) -> SCALE:
         """Preprocess, train and write every output into ``store``. Returns ``self``.
 
+        ``outputs=False`` stops after training: nothing is written to the store (the model can
+        still be saved with :meth:`save`), and the pass that encodes every cell is skipped.
+
         Fitted attributes: ``module_`` (the trained :class:`SCALEModule`), ``n_clusters_``,
-        ``summary_`` (training summary), ``timings_``.
+        ``n_cells_`` (cells trained on), ``summary_`` (training summary), ``timings_``.
         """
         atlas = store if isinstance(store, Atlas) else open_atlas(store, mod=mod)
         env = DistEnv.from_environ()
@@ -332,6 +335,7 @@ class SCALE:
         world = env.world_size if env.distributed else max(1, self.nproc)
         unit = int(min(atlas.chunk_rows, max(64, -(-atlas.n_obs // (8 * world)))))
         rows = StoreRows(atlas.path, mod=atlas.mod, cells=cells, peaks=np.flatnonzero(peaks), chunk_rows=unit)
+        self.n_cells_ = rows.n_cells
         logger.info("SCALE: %d cells x %d peaks, k = %d, encoder %s", rows.n_cells, rows.n_peaks, k, self._hidden())
         torch.manual_seed(self.seed)
         module = SCALEModule(rows.n_peaks, int(k), self._hidden(), self.n_latent, kl_warmup=self.kl_warmup)
@@ -378,6 +382,10 @@ class SCALE:
         t["train"] = time.perf_counter() - t1
         module.load_state_dict(res["module"])
         self.module_, self.summary_ = module, res["summary"]
+        if not outputs:
+            t["total"] = time.perf_counter() - t0
+            self.timings_ = t
+            return self
         t1 = time.perf_counter()
         self._write_outputs(atlas, module, rows, cells, peaks)
         t["outputs"] = time.perf_counter() - t1
