@@ -200,7 +200,7 @@ def epoch(sizes, steps: int | None, batch: int, train_only: bool = False) -> Non
         # benchmark inputs only, and SCALE replaces its own slots atomically)
         # preprocess off: SCALE's cell filter (reads >= peaks / 50) keeps under a tenth of these
         # shallow synthetic cells, and the point is an epoch over every cell of the atlas
-        key = f"{int(n) // 1000}k" + ("-train" if train_only else "")
+        key = f"{int(n) // 1000}k" + ("-train" if train_only else "") + ("" if steps else "-epoch")
         res = _run(f"epoch_{key}", store, {"n_clusters": 10, "quick": True, "batch_size": batch,
                                            "max_iter": n_steps, "patience": 10 ** 6, "preprocess": False},
                    copy=False, train_only=train_only)
