@@ -264,7 +264,8 @@ def report() -> None:
                   "SnapATAC2's k-means ARI and the authors' 280 cells/s are the figures measured beforehand "
                   "(issue 5). Throughput: synthetic store, 10k cells x 100k peaks. Epoch: quick encoder, 100 "
                   "steps of 256 cells at each size over every cell (SCALE's filters off), DDP off; the epoch time is projected from "
-                  "the measured cells/s.\n\n" + "\n".join(lines))
+                  "the measured cells/s. Rows ending in `-epoch` train one whole epoch (cells / 256 steps); `-train`: "
+                  "training alone (`fit(outputs=False)`).\n\n" + "\n".join(lines))
     _plot(res)
 
 

@@ -31,13 +31,17 @@ Choices, with reasons (docs/architecture.md has the longer story):
 * **Batch 32 by default, as in the paper.** On 2 CPU cores a step on Leukemia (7,410 peaks)
   costs about 30 ms whatever its cells: the first layer's gradient, the clipping norm and
   Adam each pass over all 7.6 M first-layer weights. Batch 32 trains at 890-980 cells/s and
-  batch 256 at 2,990-3,090 (2026-11-30). But Leukemia has 391 cells: at batch 256 a step is
-  most of the set and 1,000 steps are 1,000 epochs, and the mixture prior collapses. One
-  component takes about 93 % of the weight with variances near 25, the other means decay to
-  0, and k-means on the latent means loses the clusters while Leiden keeps them: at lr 6e-3
-  and 1,000 steps, k-means ARI 0.502, 0.208 and -0.002 over seeds 0-2 (Leiden 0.713, 0.724,
-  0.666); at lr 2e-3 (seed 0), 0.494 at 2,000 steps and 0 from 3,000. Larger batches pay on
-  an atlas, where an epoch is thousands of steps (``bench_scale.py epoch`` uses 256).
+  batch 256 at 3,100-3,600 (2026-11-30), but batch 256 gives worse latents on a set this
+  small (391 cells). With the same cells seen as the default's 5,000-step floor (625 steps,
+  lr 6e-3, the square-root scaling of 2e-3), k-means ARI 0.472, 0.465 and 0.437 over seeds
+  0-2, against 0.488-0.711 at batch 32. The mixture degenerates: within 1,000 steps
+  one component holds 97-99 % of the weight and the others have shrunk onto a few cells
+  each (variances 0.01-0.05); the dominant component's variance then grows without bound, a
+  few cells drift far out, and k-means on the latent means picks them as clusters (ARI 0
+  from 3,000 steps) while Leiden keeps 0.6-0.7. Holding ``pi`` uniform (what the authors'
+  unnormalised ``pi`` amounts to under Adam) or exempting the prior from weight decay does
+  not prevent it. Larger batches pay on an atlas, where an epoch is thousands of steps
+  (``bench_scale.py epoch`` uses 256).
 * **Early stopping not before 5,000 steps** (``min_iter``). The paper stops after 10 epochs
   without improvement. On a small set an epoch is a few steps (12 on Leukemia), and the
   epoch loss's noise then outweighs its slow late improvement: the rule fired at 2,076
