@@ -27,7 +27,7 @@ def _np_forward(m: SCALEModule, x: np.ndarray, eps: np.ndarray) -> dict:
     px = 1 / (1 + np.exp(-logits))
     recon = -(x * np.log(px) + (1 - x) * np.log(1 - px)).sum(1)
     pi = np.exp(P["prior.logits"]) / np.exp(P["prior.logits"]).sum()
-    mc, vc = P["prior.mu"], np.exp(P["prior.log_var"])  # K x D
+    mc, vc = P["prior.mu"], np.maximum(P["prior.var"], 1e-8)  # K x D, raw variances as the authors keep them
     n, K = x.shape[0], len(pi)
     log_pzc = np.zeros((n, K))
     for c in range(K):
@@ -53,7 +53,7 @@ def test_elbo_terms_match_numpy():
     with torch.no_grad():  # a prior away from its zero start, so every term matters
         m.prior.logits.copy_(torch.tensor([0.3, -0.2, 0.1]))
         m.prior.mu.normal_()
-        m.prior.log_var.uniform_(-0.5, 0.5)
+        m.prior.var.uniform_(0.6, 1.6)
     x = (rng.random((7, 40)) < 0.3).astype(float)
     eps = rng.standard_normal((7, 4))
     got = m.loss_terms(torch.tensor(x), noise=torch.tensor(eps))
@@ -122,3 +122,73 @@ def test_binarisation_rule():
     peak_mean = np.array([0.4, 0.2])   # per peak, over cells
     cell_mean = np.array([0.2, 0.35])  # per cell, over peaks
     np.testing.assert_array_equal(binarize_imputed(P, peak_mean, cell_mean), [[True, False], [False, True]])
+
+
+def test_sparse_first_layer_gradient_is_x_transpose_times_grad():
+    """The first layer's own backward (``X^T @ dY`` as a sum over X's transpose) against the
+    dense product, with an empty cell, peaks open in no cell and non-unit values."""
+    from scatac_dist.modules.scale import SparseInputLinear
+    from scatac_dist.train.data import SparseBatch
+
+    rng = np.random.default_rng(3)
+    x = (rng.random((9, 50)) < 0.2) * rng.integers(1, 4, (9, 50))
+    x[4] = 0
+    x[:, :5] = 0
+    x = x.astype(np.float32)
+    layer = SparseInputLinear(50, 6)
+    torch.nn.init.normal_(layer.weight)
+    b = SparseBatch.from_csr(sp.csr_matrix(x), np.arange(9)).to_device("cpu")
+    dy = torch.randn(9, 6)
+    out = layer(cols=b["cols"], offsets=b["offsets"], values=b["values"])
+    (gw, gb) = torch.autograd.grad(out, [layer.weight, layer.bias], dy)
+    torch.testing.assert_close(out, torch.from_numpy(x) @ layer.weight.detach() + layer.bias.detach())
+    torch.testing.assert_close(gw, torch.from_numpy(x).T @ dy, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gb, dy.sum(0))
+    assert float(gw[:5].abs().sum()) == 0.0
+
+
+def test_retain_freed_memory_keeps_pages_then_gives_them_back():
+    """Inside the block a freed 256 MiB buffer stays resident (the next step reuses it);
+    on leaving, the heap is trimmed and the memory goes back to the system."""
+    import sys
+
+    import pytest
+
+    from scatac_dist.train.alloc import _libc, retain_freed_memory
+
+    if not sys.platform.startswith("linux") or _libc() is None:
+        pytest.skip("glibc only: elsewhere retain_freed_memory does nothing by design")
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    size = 256 * 2**20
+    with retain_freed_memory():
+        before = rss()
+        buf = torch.ones(size // 4)
+        del buf
+        kept = rss() - before
+    after = rss() - before
+    buf = torch.ones(size // 4)  # outside the block glibc maps and unmaps it
+    del buf
+    outside = rss() - before
+    assert kept > 0.9 * size, kept
+    assert after < 0.1 * size, after
+    assert outside < 0.1 * size, outside
+
+
+def test_state_with_log_variances_loads_as_raw_variances():
+    """Models saved before the mixture's variances were stored raw still load, unchanged."""
+    torch.manual_seed(1)
+    m = SCALEModule(n_input=12, n_components=3, hidden=(8,), n_latent=2)
+    with torch.no_grad():
+        m.prior.var.uniform_(0.2, 3.0)
+    old = m.state_dict()
+    old["prior.log_var"] = old.pop("prior.var").log()
+    fresh = SCALEModule(n_input=12, n_components=3, hidden=(8,), n_latent=2)
+    fresh.load_state_dict(old)
+    torch.testing.assert_close(fresh.prior.var, m.prior.var)
+    x = (torch.rand(5, 12) < 0.4).float()
+    eps = torch.randn(5, 2)
+    torch.testing.assert_close(fresh(x, noise=eps), m(x, noise=eps))

@@ -6,6 +6,7 @@ DDP launch, checkpoints and the training loop.
 * :mod:`.dist` - :class:`DistEnv` (torchrun / SLURM / single), :func:`launch` (local ranks).
 * :mod:`.checkpoint` - atomic checkpoints and resume.
 * :mod:`.trainer` - :func:`fit`, the loop: Adam, clipping, early stopping, bf16 on GPU.
+* :mod:`.alloc` - :func:`retain_freed_memory`: freed step buffers stay in the heap (glibc).
 """
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint

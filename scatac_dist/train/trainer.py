@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .alloc import retain_freed_memory
 from .checkpoint import load_checkpoint, save_checkpoint
 from .data import ShardedStream
 from .dist import DistEnv
@@ -40,6 +41,8 @@ class TrainConfig:
     ``batch_size`` is the global batch (split over the ranks). ``checkpoint_every`` steps
     (0: never) a checkpoint goes to ``checkpoint_dir``; ``resume`` continues from its newest.
     ``amp`` (default: on for CUDA) runs the forward pass in bfloat16 autocast.
+    ``retain_memory`` keeps each step's freed host buffers in the heap for the next step
+    (glibc; :mod:`.alloc`).
     The learning rate of step ``t`` is ``max(lr * lr_decay ** (t // lr_decay_every), lr_min)``
     (constant with the default ``lr_decay = 1``).
     """
@@ -64,6 +67,7 @@ class TrainConfig:
     log_every: int = 100
     progress: bool = True
     buffer_chunks: int = 4
+    retain_memory: bool = True
 
 
 def step_generator(device: torch.device, seed: int, step: int, rank: int) -> torch.Generator:
@@ -146,6 +150,8 @@ def fit(module: nn.Module, stream: ShardedStream, cfg: TrainConfig, env: DistEnv
         if env.distributed:
             dist.barrier()
 
+    heap = retain_freed_memory(cfg.retain_memory and device.type == "cpu")
+    heap.__enter__()
     try:
         model.train()
         while st["step"] < cfg.max_iter and not st["stopped_early"]:
@@ -197,6 +203,7 @@ def fit(module: nn.Module, stream: ShardedStream, cfg: TrainConfig, env: DistEnv
                 st["epoch"] += 1
                 st["step_in_epoch"], st["epoch_sum"], st["epoch_n"] = 0, 0.0, 0.0
     finally:
+        heap.__exit__(None, None, None)
         if bar is not None:
             bar.close()
         if log is not None:
