@@ -28,20 +28,24 @@ Choices, with reasons (docs/architecture.md has the longer story):
   the latent means: paper schedule 0.15 after 3,000 steps; constant 2e-4 0.02 after 1,500;
   constant 2e-3 0.62 after 3,000. Both the paper-era code and ours warm the KL weight up
   linearly over the first 200 steps and start from Xavier-normal weights.
-* **Batch 32 by default, as in the paper.** On 2 CPU cores a step on Leukemia (7,410 peaks)
-  costs about 30 ms whatever its cells: the first layer's gradient, the clipping norm and
-  Adam each pass over all 7.6 M first-layer weights. Batch 32 trains at 890-980 cells/s and
-  batch 256 at 3,100-3,600 (2026-11-30), but batch 256 gives worse latents on a set this
-  small (391 cells). With the same cells seen as the default's 5,000-step floor (625 steps,
-  lr 6e-3, the square-root scaling of 2e-3), k-means ARI 0.472, 0.465 and 0.437 over seeds
-  0-2, against 0.488-0.711 at batch 32. The mixture degenerates: within 1,000 steps
-  one component holds 97-99 % of the weight and the others have shrunk onto a few cells
-  each (variances 0.01-0.05); the dominant component's variance then grows without bound, a
-  few cells drift far out, and k-means on the latent means picks them as clusters (ARI 0
-  from 3,000 steps) while Leiden keeps 0.6-0.7. Holding ``pi`` uniform (what the authors'
-  unnormalised ``pi`` amounts to under Adam) or exempting the prior from weight decay does
-  not prevent it. Larger batches pay on an atlas, where an epoch is thousands of steps
-  (``bench_scale.py epoch`` uses 256).
+* **Batch 32 by default, as in the paper; larger batches with the rate and budget scaled.**
+  On 2 CPU cores a step on Leukemia (7,410 peaks) is bounded by passes over all 7.6 M
+  first-layer weights (the gradient, the clipping norm, Adam), so cells/s grows with the
+  batch: Leukemia trains at about 1,200 cells/s at batch 32 and 3,000 at batch 128
+  (2026-11-30). For a batch ``B`` above 32, set the rate and budget by the rule we fixed
+  before any run (nothing scales them automatically): ``lr`` 2e-3 x sqrt(B / 32), and the
+  step floor and budget kept in cells seen (``min_iter`` 5,000 x 32 / B, ``max_iter`` six
+  times that). Batch 128 (lr 4e-3, 1,250 / 7,500 steps) gives
+  k-means ARI 0.663, 0.645 and 0.610 over seeds 0-2 on Leukemia (Leiden 0.70), against
+  0.689, 0.683 and 0.625 at batch 32; batch 256 (lr 6e-3, 625 / 3,750 steps) 0.649, 0.618 and
+  0.569. On BM0828 batch 128 is worse (0.320 against 0.408 at batch 32). In every setting the
+  mixture tends to degenerate: one component comes to hold nearly every cell and the others
+  shrink onto a few cells each; a few cells then drift out, and k-means on the latent means
+  takes them as clusters while Leiden does not. Raw variances (see
+  :mod:`scatac_dist.modules.scale`) slow this a lot. Holding ``pi`` uniform (what the
+  authors' unnormalised ``pi`` amounts to under Adam) or exempting the prior from weight
+  decay did not prevent it (tried with log-variances). On an atlas an epoch is thousands of
+  steps and large batches cost nothing (``bench_scale.py epoch`` uses 256).
 * **Early stopping not before 5,000 steps** (``min_iter``). The paper stops after 10 epochs
   without improvement. On a small set an epoch is a few steps (12 on Leukemia), and the
   epoch loss's noise then outweighs its slow late improvement: the rule fired at 2,076

@@ -11,8 +11,11 @@ to the kernel past the trim threshold; either way the next step pays a page faul
 
 :func:`retain_freed_memory` turns both off for the duration (``M_MMAP_MAX = 0``,
 ``M_TRIM_THRESHOLD`` 2 GiB), then restores glibc's defaults and trims the heap once, so
-a notebook that trained in-process gets its memory back. Peak memory is unchanged: what is
-kept is what the step held at its peak anyway. Elsewhere (macOS, musl) it does nothing.
+a notebook that trained in-process gets its memory back. Elsewhere (macOS, musl) it does
+nothing. The cost is some peak memory, from buffers of different sizes that the kept heap
+cannot always reuse: 100 steps at 10k cells x 100k peaks (batch 256) peaked at 3.51 GiB
+against 2.85 GiB before, while training at 515 cells/s against about 210 (with the first
+layer's new backward as well). ``TrainConfig(retain_memory=False)`` turns it off.
 """
 
 from __future__ import annotations
