@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import logging
 import sys
 
@@ -37,6 +38,7 @@ _DEFAULT_TRIM = 128 * 1024
 _DEFAULT_MMAP_MAX = 65536
 
 
+@functools.lru_cache(maxsize=1)
 def _libc():
     if not sys.platform.startswith("linux"):
         return None

@@ -150,64 +150,62 @@ def fit(module: nn.Module, stream: ShardedStream, cfg: TrainConfig, env: DistEnv
         if env.distributed:
             dist.barrier()
 
-    heap = retain_freed_memory(cfg.retain_memory and device.type == "cpu")
-    heap.__enter__()
-    try:
-        model.train()
-        while st["step"] < cfg.max_iter and not st["stopped_early"]:
-            for batch in stream.epoch(st["epoch"], start_step=st["step_in_epoch"]):
-                inputs = batch.to_device(device)
-                g = step_generator(device, cfg.seed, st["step"], env.rank)
-                if cfg.lr_decay != 1.0:
-                    lr = max(cfg.lr * cfg.lr_decay ** (st["step"] // cfg.lr_decay_every), cfg.lr_min)
-                    for group in opt.param_groups:
-                        group["lr"] = lr
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                    loss = model(**inputs, generator=g, step=st["step"])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.clip_norm:
-                    _clip(module, cfg.clip_norm)
-                opt.step()
-                n = len(batch)
-                st["epoch_sum"] += float(loss.detach()) * n
-                st["epoch_n"] += n
-                st["step"] += 1
-                st["step_in_epoch"] += 1
-                if bar is not None:
-                    bar.update(1)
-                if log is not None and cfg.log_every and st["step"] % cfg.log_every == 0:
-                    el = time.perf_counter() - t0
-                    log.write(json.dumps({"step": st["step"], "epoch": st["epoch"], "loss": float(loss),
-                                          "cells_per_s": (st["step"] - start_step) * stream.batch_size / el}) + "\n")
-                    log.flush()
-                if cfg.checkpoint_dir and cfg.checkpoint_every and st["step"] % cfg.checkpoint_every == 0:
-                    checkpoint()
-                if st["step"] >= cfg.max_iter:
-                    break
-            if st["step_in_epoch"] >= steps_per_epoch:  # a whole epoch: score it
-                s_sum, s_n = _allreduce([st["epoch_sum"], st["epoch_n"]], env, device)
-                mean = s_sum / max(s_n, 1)
-                st["history"].append(mean)
-                if mean < st["best"] - 1e-12:
-                    st["best"], st["bad_epochs"] = mean, 0
-                else:
-                    st["bad_epochs"] += 1
-                    if st["bad_epochs"] >= cfg.patience and st["step"] >= cfg.min_iter:
-                        st["stopped_early"] = True
-                if bar is not None:
-                    bar.set_postfix(loss=f"{mean:.4g}", epoch=st["epoch"])
-                if log is not None:
-                    log.write(json.dumps({"epoch": st["epoch"], "step": st["step"], "epoch_loss": mean}) + "\n")
-                    log.flush()
-                st["epoch"] += 1
-                st["step_in_epoch"], st["epoch_sum"], st["epoch_n"] = 0, 0.0, 0.0
-    finally:
-        heap.__exit__(None, None, None)
-        if bar is not None:
-            bar.close()
-        if log is not None:
-            log.close()
+    with retain_freed_memory(cfg.retain_memory and device.type == "cpu"):
+        try:
+            model.train()
+            while st["step"] < cfg.max_iter and not st["stopped_early"]:
+                for batch in stream.epoch(st["epoch"], start_step=st["step_in_epoch"]):
+                    inputs = batch.to_device(device)
+                    g = step_generator(device, cfg.seed, st["step"], env.rank)
+                    if cfg.lr_decay != 1.0:
+                        lr = max(cfg.lr * cfg.lr_decay ** (st["step"] // cfg.lr_decay_every), cfg.lr_min)
+                        for group in opt.param_groups:
+                            group["lr"] = lr
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                        loss = model(**inputs, generator=g, step=st["step"])
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.clip_norm:
+                        _clip(module, cfg.clip_norm)
+                    opt.step()
+                    n = len(batch)
+                    st["epoch_sum"] += float(loss.detach()) * n
+                    st["epoch_n"] += n
+                    st["step"] += 1
+                    st["step_in_epoch"] += 1
+                    if bar is not None:
+                        bar.update(1)
+                    if log is not None and cfg.log_every and st["step"] % cfg.log_every == 0:
+                        el = time.perf_counter() - t0
+                        log.write(json.dumps({"step": st["step"], "epoch": st["epoch"], "loss": float(loss),
+                                              "cells_per_s": (st["step"] - start_step) * stream.batch_size / el}) + "\n")
+                        log.flush()
+                    if cfg.checkpoint_dir and cfg.checkpoint_every and st["step"] % cfg.checkpoint_every == 0:
+                        checkpoint()
+                    if st["step"] >= cfg.max_iter:
+                        break
+                if st["step_in_epoch"] >= steps_per_epoch:  # a whole epoch: score it
+                    s_sum, s_n = _allreduce([st["epoch_sum"], st["epoch_n"]], env, device)
+                    mean = s_sum / max(s_n, 1)
+                    st["history"].append(mean)
+                    if mean < st["best"] - 1e-12:
+                        st["best"], st["bad_epochs"] = mean, 0
+                    else:
+                        st["bad_epochs"] += 1
+                        if st["bad_epochs"] >= cfg.patience and st["step"] >= cfg.min_iter:
+                            st["stopped_early"] = True
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{mean:.4g}", epoch=st["epoch"])
+                    if log is not None:
+                        log.write(json.dumps({"epoch": st["epoch"], "step": st["step"], "epoch_loss": mean}) + "\n")
+                        log.flush()
+                    st["epoch"] += 1
+                    st["step_in_epoch"], st["epoch_sum"], st["epoch_n"] = 0, 0.0, 0.0
+        finally:
+            if bar is not None:
+                bar.close()
+            if log is not None:
+                log.close()
     if cfg.checkpoint_dir and cfg.checkpoint_every:
         checkpoint()
     seconds = time.perf_counter() - t0
