@@ -302,7 +302,7 @@ def main(argv=None) -> None:
     q.add_argument("--full", action="store_true")
     q.add_argument("--batch", type=int, default=32)
     q.add_argument("--lr", type=float, help="learning rate (default: SCALE's, 2e-3)")
-    q.add_argument("--min-iter", type=int, help="no early stop before this step (default: SCALE's, 5,000)")
+    q.add_argument("--min-iter", type=int, help="no early stop before this step (default: SCALE's, 10,000)")
     q.add_argument("--max-iter", type=int, help="step budget (default: SCALE's, 30,000)")
     t = sub.add_parser("throughput")
     t.add_argument("--store", type=Path)

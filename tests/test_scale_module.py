@@ -32,7 +32,7 @@ def _np_forward(m: SCALEModule, x: np.ndarray, eps: np.ndarray) -> dict:
     log_pzc = np.zeros((n, K))
     for c in range(K):
         log_pzc[:, c] = np.log(pi[c]) + (-0.5 * np.log(2 * math.pi * vc[c]) - (z - mc[c]) ** 2 / (2 * vc[c])).sum(1)
-    gamma = np.exp(log_pzc - log_pzc.max(1, keepdims=True))
+    gamma = np.exp(log_pzc) + 1e-10  # the authors' get_gamma: p(z, c) + 1e-10, normalised
     gamma /= gamma.sum(1, keepdims=True)
     # KL(q(z,c|x) || p(z,c)) = E_q[log q(z|x) + log q(c|x) - log p(z|c) - log p(c)]
     e_log_pz_c = np.zeros(n)
@@ -74,6 +74,28 @@ def test_elbo_terms_match_numpy():
     torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-4)
     for a, b in zip(gd, gs):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_responsibilities_floor_like_the_authors():
+    """gamma = (p(z, c) + 1e-10) / sum: a cell near a component goes to it; a cell far from every
+    component gets a flat gamma (an exact p(c|z) would give it all to the widest component),
+    so every component's mean is pulled towards it."""
+    m = SCALEModule(n_input=5, n_components=3, hidden=(4,), n_latent=2).double()
+    with torch.no_grad():
+        m.prior.mu.copy_(torch.tensor([[0.0, 0.0], [3.0, 0.0], [0.0, 3.0]]))
+        m.prior.var.copy_(torch.tensor([[0.5, 0.5], [1.0, 1.0], [2.0, 2.0]]))
+    z = torch.tensor([[0.1, -0.1], [40.0, -40.0]], requires_grad=True)
+    gamma = m.prior.responsibilities(z)
+    mu, var, pi = m.prior.mu.detach().numpy(), m.prior.var.detach().numpy(), np.full(3, 1 / 3)
+    p = np.stack([pi[c] * np.prod(np.exp(-(z.detach().numpy() - mu[c]) ** 2 / (2 * var[c]))
+                                  / np.sqrt(2 * math.pi * var[c]), axis=1) for c in range(3)], 1) + 1e-10
+    np.testing.assert_allclose(gamma.detach().numpy(), p / p.sum(1, keepdims=True), rtol=1e-9)
+    assert gamma[0, 0] > 0.9
+    np.testing.assert_allclose(gamma[1].detach().numpy(), np.full(3, 1 / 3), atol=1e-9)
+    assert m.prior.log_joint(z)[1].argmax() == 2  # the exact posterior still prefers the widest
+    loss = m.prior.log_joint(z)[1:].mul(gamma[1:].detach()).sum().neg()
+    (grad,) = torch.autograd.grad(loss, m.prior.mu)
+    assert (grad[:, 0] < 0).all() and (grad[:, 1] > 0).all()  # all three means move towards the cell
 
 
 def test_generator_noise_is_reproducible():

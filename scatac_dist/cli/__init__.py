@@ -346,7 +346,7 @@ def sccase(obj, store, mode, k_neighbors, support, n_factors, reference, referen
               help="constant: --lr throughout; paper: --lr x 0.9 every 10 steps down to 2e-4 (the paper-era code).")
 @click.option("--lr", type=float, default=2e-3, show_default=True, help="(Initial) learning rate.")
 @click.option("--patience", type=int, default=10, show_default=True, help="Early stopping: epochs without improvement.")
-@click.option("--min-iter", type=int, default=5000, show_default=True, help="No early stopping before this many steps.")
+@click.option("--min-iter", type=int, default=10000, show_default=True, help="No early stopping before this many steps.")
 @click.option("--min-cells", type=int, default=5, show_default=True, help="Peak filter: cells with --min-reads reads.")
 @click.option("--min-reads", type=int, default=2, show_default=True)
 @click.option("--impute", is_flag=True, help="Write layers['scale_impute'] (dense, chunked) and layers['scale_binary'].")

@@ -6,7 +6,7 @@ Writes:
 
 * ``obs['scale_used']``, ``var['scale_used']``: cells and peaks that passed SCALE's filters;
 * ``obsm['X_scale']``: latent means (NaN for cells not used);
-* ``obs['scale_gmm']``: argmax of the mixture responsibilities; ``obs['scale_kmeans']``:
+* ``obs['scale_gmm']``: the most probable mixture component, ``argmax_c p(z, c)`` at the latent mean; ``obs['scale_kmeans']``:
   k-means (seed 18, as in the paper) on ``X_scale`` when ``n_clusters`` is given;
 * ``varm['scale_decoder']``: decoder weights (peaks x latent); ``varm['scale_feature_peaks']``:
   peaks whose weight lies more than 2.5 SD from that feature's mean;
@@ -34,25 +34,34 @@ Choices, with reasons (docs/architecture.md has the longer story):
   batch: Leukemia trains at about 1,200 cells/s at batch 32 and 3,000 at batch 128
   (2026-11-30). For a batch ``B`` above 32, set the rate and budget by the rule we fixed
   before any run (nothing scales them automatically): ``lr`` 2e-3 x sqrt(B / 32), and the
-  step floor and budget kept in cells seen (``min_iter`` 5,000 x 32 / B, ``max_iter`` six
-  times that). Batch 128 (lr 4e-3, 1,250 / 7,500 steps) gives
-  k-means ARI 0.663, 0.645 and 0.610 over seeds 0-2 on Leukemia (Leiden 0.70), against
-  0.689, 0.683 and 0.625 at batch 32; batch 256 (lr 6e-3, 625 / 3,750 steps) 0.649, 0.618 and
-  0.569. On BM0828 batch 128 is worse (0.320 against 0.408 at batch 32). In every setting the
-  mixture tends to degenerate: one component comes to hold nearly every cell and the others
-  shrink onto a few cells each; a few cells then drift out, and k-means on the latent means
-  takes them as clusters while Leiden does not. Raw variances (see
-  :mod:`scatac_dist.modules.scale`) slow this a lot. Holding ``pi`` uniform (what the
-  authors' unnormalised ``pi`` amounts to under Adam) or exempting the prior from weight
-  decay did not prevent it (tried with log-variances). On an atlas an epoch is thousands of
-  steps and large batches cost nothing (``bench_scale.py epoch`` uses 256).
-* **Early stopping not before 5,000 steps** (``min_iter``). The paper stops after 10 epochs
-  without improvement. On a small set an epoch is a few steps (12 on Leukemia), and the
-  epoch loss's noise then outweighs its slow late improvement: the rule fired at 2,076
-  steps (Leukemia, seed 0, k-means ARI 0.43), while the latent clusters were still forming
-  (ARI 0.46 at 2,000 steps and 0.62 at 3,000 in a run without early stopping). On an atlas
-  an epoch is thousands of steps and the floor does not matter. ``min_iter=0`` gives the
-  paper's rule alone.
+  step floor and budget kept in cells seen (``min_iter`` 10,000 x 32 / B, ``max_iter`` six
+  times that; every run stopped at the floor). Batch 128 (lr 4e-3, 2,500 / 15,000 steps)
+  gives k-means ARI 0.677, 0.712 and 0.619 over seeds 0-2 on Leukemia, against 0.683, 0.711
+  and 0.677 at batch 32; batch 256 (lr 6e-3, 1,250 / 7,500 steps) 0.678, 0.678 and 0.606.
+  On BM0828 batch 128 is worse: 0.311, 0.322 and 0.315 against 0.356, 0.441 and 0.408 at
+  batch 32 (Leiden 0.45 at both). On an atlas an epoch is thousands of steps and large
+  batches cost nothing (``bench_scale.py epoch`` uses 256).
+* **The mixture.** Without the authors' floor on ``gamma`` (see
+  :mod:`scatac_dist.modules.scale`) the mixture degenerated: one component came to hold nearly
+  every cell, the others lost their cells and shrank to mean 0 and variance 0, a few cells
+  drifted out, and k-means on the latent means took them as clusters while Leiden did not;
+  the longer the training, the worse (BM0828, seed 0: k-means ARI 0.40 after 5,000 steps,
+  0.23 after 12,000). Raw variances slowed it; holding ``pi`` uniform or exempting the prior
+  from weight decay did not stop it (both tried with log-variances). With the floor every
+  component keeps its cells, but the components drift onto each other, so the mixture ends
+  close to a single Gaussian (``obs['scale_gmm']`` is then a weak clustering; k-means on
+  ``X_scale`` is the one to use, as in the paper).
+* **Early stopping not before 10,000 steps** (``min_iter``). The paper stops after 10 epochs
+  without improvement, within 30,000 steps; the authors' maintained code always runs all
+  30,000. On a small set an epoch is a few steps (12 on Leukemia, 16 on BM0828), and the
+  epoch loss's noise then outweighs its slow late improvement: the rule alone fired at 2,076
+  steps on Leukemia (seed 0, k-means ARI 0.43) while the latent clusters were still forming.
+  The floor was 5,000 steps until the ``gamma`` floor made longer training safe; with it,
+  staged runs (seed 0) went from 0.64 at 5,000 steps to 0.66 at 10,000 on Leukemia, and from
+  0.42 to 0.44 at 9,000 and 0.50 at 12,000 on BM0828. Over three seeds the longer floor gave
+  Leukemia 0.690 (0.666 before) and BM0828 0.402 (0.408 before): no gain on BM0828. On an
+  atlas an epoch is thousands of steps and the floor does not matter. ``min_iter=0`` gives
+  the paper's rule alone.
 * **Preprocessing** follows Methods: peaks with >= ``min_reads`` reads in >= ``min_cells``
   cells, then cells with counts >= kept peaks / 50, then binarisation. Prior QC masks
   (``pass_qc``) are respected.
@@ -202,7 +211,7 @@ class SCALE:
     batch_size, max_iter, lr, weight_decay, patience, clip_norm
         Training (32, 30,000, 2e-3, 5e-4, 10 epochs, 10).
     min_iter
-        Early stopping cannot fire before this many steps (5,000; see the module docstring).
+        Early stopping cannot fire before this many steps (10,000; see the module docstring).
     lr_schedule
         ``"constant"`` or ``"paper"`` (``lr`` x 0.9 every 10 steps, down to 2e-4).
     nproc
@@ -229,7 +238,7 @@ class SCALE:
     kl_warmup: int = 200
     weight_decay: float = 5e-4
     patience: int = 10
-    min_iter: int = 5_000
+    min_iter: int = 10_000
     clip_norm: float = 10.0
     seed: int = 0
     nproc: int = 1
@@ -309,7 +318,7 @@ class SCALE:
 
     @torch.no_grad()
     def _encode_csr(self, module: SCALEModule, m, gamma: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
-        """Latent means (and mixture responsibilities) of the cells of a CSR block, in sub-batches."""
+        """Latent means (and ``log p(z, c)`` at them) of the cells of a CSR block, in sub-batches."""
         from ..train.data import SparseBatch
 
         module.eval()
@@ -321,7 +330,9 @@ class SCALE:
             mu, _ = module.encoder(cols=b["cols"], offsets=b["offsets"], values=b["values"])
             mus.append(mu.float().cpu().numpy())
             if gamma:
-                gams.append(module.prior.responsibilities(mu.float()).cpu().numpy())
+                # the exact log p(z, c): its argmax is the floored gamma's, except for cells far
+                # from every component, whose floored gamma is flat
+                gams.append(module.prior.log_joint(mu.float()).cpu().numpy())
         return np.concatenate(mus), (np.concatenate(gams) if gamma else None)
 
     def fit(self, store: str | Path | Atlas, *, mod: str | None = None, outputs: bool = True) -> SCALE:
