@@ -6,8 +6,9 @@ Writes:
 
 * ``obs['scale_used']``, ``var['scale_used']``: cells and peaks that passed SCALE's filters;
 * ``obsm['X_scale']``: latent means (NaN for cells not used);
-* ``obs['scale_gmm']``: the most probable mixture component, ``argmax_c p(z, c)`` at the latent mean; ``obs['scale_kmeans']``:
-  k-means (seed 18, as in the paper) on ``X_scale`` when ``n_clusters`` is given;
+* ``obs['scale_gmm']``: the most probable mixture component, ``argmax_c p(z, c)`` at the
+  latent mean; ``obs['scale_kmeans']``: k-means (seed 18, as in the paper) on ``X_scale``
+  when ``n_clusters`` is given;
 * ``varm['scale_decoder']``: decoder weights (peaks x latent); ``varm['scale_feature_peaks']``:
   peaks whose weight lies more than 2.5 SD from that feature's mean;
 * ``var['scale_specificity']``, ``var['scale_specific_cluster']``, ``var['scale_specific']``:
@@ -304,7 +305,7 @@ class SCALE:
         order = rng.permutation(rows.n_chunks)
         mus, have = [], 0
         for _, m, _cells in rows.iter_chunks([int(c) for c in order if rows.chunk_cells[c]]):
-            mus.append(self._encode_csr(module, m, gamma=False)[0])  # the prior is not fitted yet
+            mus.append(self._encode_csr(module, m, joint=False)[0])  # the prior is not fitted yet
             have += m.shape[0]
             if have >= self.gmm_cells:
                 break
@@ -317,23 +318,23 @@ class SCALE:
         module.prior.set_from(np.full(k, 1.0 / k), gmm.means_, gmm.covariances_)
 
     @torch.no_grad()
-    def _encode_csr(self, module: SCALEModule, m, gamma: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+    def _encode_csr(self, module: SCALEModule, m, joint: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
         """Latent means (and ``log p(z, c)`` at them) of the cells of a CSR block, in sub-batches."""
         from ..train.data import SparseBatch
 
         module.eval()
         dev = next(module.parameters()).device
-        mus, gams = [], []
+        mus, joints = [], []
         for a in range(0, m.shape[0], self.encode_batch):
             sub = m[a:a + self.encode_batch]
             b = SparseBatch.from_csr(sub, np.arange(sub.shape[0])).to_device(dev)
             mu, _ = module.encoder(cols=b["cols"], offsets=b["offsets"], values=b["values"])
             mus.append(mu.float().cpu().numpy())
-            if gamma:
+            if joint:
                 # the exact log p(z, c): its argmax is the floored gamma's, except for cells far
                 # from every component, whose floored gamma is flat
-                gams.append(module.prior.log_joint(mu.float()).cpu().numpy())
-        return np.concatenate(mus), (np.concatenate(gams) if gamma else None)
+                joints.append(module.prior.log_joint(mu.float()).cpu().numpy())
+        return np.concatenate(mus), (np.concatenate(joints) if joint else None)
 
     def fit(self, store: str | Path | Atlas, *, mod: str | None = None, outputs: bool = True) -> SCALE:
         """Preprocess, train and write every output into ``store``. Returns ``self``.
@@ -437,8 +438,8 @@ class SCALE:
         peak_hits = np.zeros(rows.n_peaks)
         cell_open = np.zeros(n)
         for _, m, idx in rows.iter_chunks():
-            z, g = self._encode_csr(module, m)
-            mu[idx], gmm[idx] = z, g.argmax(1)
+            z, log_joint = self._encode_csr(module, m)
+            mu[idx], gmm[idx] = z, log_joint.argmax(1)
             peak_hits += np.asarray(m.sum(0)).ravel()
             cell_open[idx] = np.diff(m.indptr)
         used = cells
