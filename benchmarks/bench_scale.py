@@ -6,12 +6,18 @@ atlas grows.
     python benchmarks/bench_scale.py throughput [--store PATH] [--steps 100] [--modes quick full]
                                                 [--nprocs 1 2] [--batches 32 256] [--tag NAME]
     python benchmarks/bench_scale.py epoch --sizes 10000 100000 1000000 [--steps N] [--batch 256] [--train-only]
+    python benchmarks/bench_scale.py curve [--seeds 0 1 2] [--sets leukemia bm0828] [--stages 5000 10000 20000 30000]
+                                           [--batch 32] [--lr LR]
     python benchmarks/bench_scale.py report
 
 * ``quality``: SCALE with k = number of labels, CPU, default settings (quick encoder unless
   ``--full``), one run per seed; k-means and Leiden on ``obsm['X_scale']`` with
   ``bench_quality.protocol`` (seed 0). Training cells/s of each run is recorded: the
   Leukemia figure is the one compared with the authors' 280 cells/s.
+* ``curve``: k-means and Leiden ARI of one run per seed at several step counts, early
+  stopping off (each stage resumes the previous one's checkpoint). Two ``curve`` processes
+  may run side by side, each pinned to its own cores (``taskset``); ``cores`` in each row
+  records how many the run had, since that sets its cells/s.
 * ``throughput``: training cells/s on a synthetic store with 100k peaks (``synth_10k``),
   quick and full encoders, 1 and 2 DDP processes (gloo), batch 32 and 256. Each
   configuration trains ``--steps`` steps after the GMM initialisation; cells/s is over the
@@ -53,12 +59,18 @@ def _load() -> dict:
 
 
 def _save(section: str, key: str, value) -> None:
+    import fcntl
+
     RESULTS.mkdir(exist_ok=True)
-    res = _load()
-    res.setdefault(section, {})[key] = value
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1, default=float))
-    os.replace(tmp, OUT)
+    # two benchmark processes may run side by side (one pinned per core): the lock keeps one's
+    # read-modify-write from dropping the other's rows
+    with open(OUT.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        res = _load()
+        res.setdefault(section, {})[key] = value
+        tmp = OUT.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(res, indent=1, default=float))
+        os.replace(tmp, OUT)
 
 
 def _scratch() -> Path:
@@ -168,6 +180,51 @@ def quality(seeds, sets, full: bool, batch: int = 32, lr: float | None = None, m
             _save("quality", key, res)
 
 
+def curve(seeds, sets, stages, batch: int = 32, lr: float | None = None) -> None:
+    """ARI along training: one fixed-budget run per seed, stopped and resumed at each stage.
+
+    Each stage is a separate ``SCALE.fit`` with ``max_iter = min_iter = stage`` and
+    ``resume=True`` from the previous stage's checkpoint (resume is bit-exact, see
+    ``tests/test_train_ddp.py``), so the figure at a stage is that of a run trained for exactly
+    that many steps with early stopping off. The sets are ingested into a folder of this
+    process's own, so two ``curve`` processes can run side by side.
+    """
+    import tempfile
+
+    from bench_quality import DATASETS
+    from distributed import Client, LocalCluster
+
+    import scatac_dist as sd
+
+    WORK.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="curve-", dir=WORK) as tmp:
+        tmp = Path(tmp)
+        with LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=":0") as lc, Client(lc) as client:
+            stores = {}
+            for name in sets:
+                stores[name] = tmp / f"{name}.zarr"
+                spec = DATASETS[name]
+                sd.ingest(spec["inputs"], stores[name], labels=spec["labels"], client=client, progress=False)
+        for name in sets:
+            k = len(np.unique(_labels(stores[name], DATASETS[name]["key"])))
+            for seed in seeds:
+                ck = tmp / f"ck-{name}-{seed}"
+                key = f"{name}_b{batch}" + ("" if lr is None else f"-lr{lr:g}") + f"_seed{seed}"
+                rows = []
+                for i, step in enumerate(sorted(stages)):
+                    params = {"n_clusters": int(k), "quick": True, "seed": int(seed), "batch_size": int(batch),
+                              "max_iter": int(step), "min_iter": int(step), "checkpoint_dir": str(ck),
+                              "checkpoint_every": 10 ** 9, "resume": i > 0}
+                    if lr is not None:
+                        params["lr"] = lr
+                    res = _run(f"curve_{key}_{step}", stores[name], params, labels_key=DATASETS[name]["key"])
+                    s = res.get("summary") or {}
+                    rows.append({"step": int(step), "status": res.get("status"), "kmeans_ari": res.get("kmeans_ari"),
+                                 "leiden_ari": res.get("leiden_ari"), "cells_per_s": s.get("cells_per_s"),
+                                 "loss": res.get("epoch_loss_last"), "cores": len(os.sched_getaffinity(0))})
+                    _save("curve", key, rows)
+
+
 def _labels(store: Path, key: str) -> np.ndarray:
     import scatac_dist as sd
 
@@ -253,6 +310,19 @@ def report() -> None:
                          f"| {r.get('n_train_cells', 0) / cps / 3600:.2f} "
                          f"| {r.get('seconds', 0):.0f} | "
                          f"{r.get('peak_rss_max_process_gib', 0):.2f} | {r.get('peak_rss_tree_gib', 0):.2f} |")
+    cv = res.get("curve", {})
+    if cv:
+        lines += ["", "ARI along training (`curve`: fixed budget, early stopping off, resumed at each stage):", "",
+                  "| dataset, batch | step | seeds | k-means ARI per seed | k-means mean ± sd | Leiden mean ± sd "
+                  "| SnapATAC2 k-means | cores per run |", "|---|---:|---:|---|---|---|---:|---:|"]
+        for group, steps in _curve_groups(cv).items():
+            name = group.split("_")[0]
+            for step, rows in sorted(steps.items()):
+                km = np.array([r["kmeans_ari"] for r in rows], float)
+                ld = np.array([r["leiden_ari"] for r in rows], float)
+                lines.append(f"| {group} | {step} | {len(rows)} | {', '.join(f'{v:.3f}' for v in km)} "
+                             f"| {km.mean():.3f} ± {km.std():.3f} | {ld.mean():.3f} ± {ld.std():.3f} "
+                             f"| {SNAPATAC2.get(name, float('nan')):.3f} | {rows[0].get('cores', '')} |")
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -269,13 +339,24 @@ def report() -> None:
     _plot(res)
 
 
+def _curve_groups(cv: dict) -> dict:
+    """{'bm0828_b32': {step: [row of each seed]}} from the ``curve`` section (finished stages only)."""
+    out: dict = {}
+    for key, rows in cv.items():
+        group = key.rsplit("_seed", 1)[0]
+        for r in rows:
+            if r.get("status") == "ok":
+                out.setdefault(group, {}).setdefault(r["step"], []).append(r)
+    return out
+
+
 def _plot(res: dict) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.5))
     t = res.get("throughput", {})
     if t:
         keys = list(t)
@@ -289,6 +370,21 @@ def _plot(res: dict) -> None:
         axes[1].set_ylabel("peak RSS, GiB")
         axes[1].set_xlabel("cells")
         axes[1].legend()
+    cv = res.get("curve", {})
+    for group, steps in _curve_groups(cv).items():
+        xs = sorted(steps)
+        means = [np.mean([r["kmeans_ari"] for r in steps[x]]) for x in xs]
+        line, = axes[2].plot(xs, means, "o-", label=f"{group} (mean of seeds)")
+        for x in xs:
+            axes[2].plot([x] * len(steps[x]), [r["kmeans_ari"] for r in steps[x]], ".", color=line.get_color(),
+                         alpha=0.5)
+        name = group.split("_")[0]
+        if name in SNAPATAC2:
+            axes[2].axhline(SNAPATAC2[name], ls="--", color=line.get_color(), lw=0.8)
+    if cv:
+        axes[2].set_xlabel("training steps")
+        axes[2].set_ylabel("k-means ARI (dashed: SnapATAC2)")
+        axes[2].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(RESULTS / "scale.png", dpi=120)
 
@@ -317,6 +413,12 @@ def main(argv=None) -> None:
     e.add_argument("--batch", type=int, default=256)
     e.add_argument("--train-only", action="store_true",
                    help="measure training alone, without SCALE's output pass over every cell")
+    cv = sub.add_parser("curve")
+    cv.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    cv.add_argument("--sets", nargs="+", default=["leukemia", "bm0828"])
+    cv.add_argument("--stages", type=int, nargs="+", default=[5_000, 10_000, 20_000, 30_000])
+    cv.add_argument("--batch", type=int, default=32)
+    cv.add_argument("--lr", type=float, help="learning rate (default: SCALE's, 2e-3)")
     sub.add_parser("report")
     c = sub.add_parser("child")
     c.add_argument("spec")
@@ -327,6 +429,8 @@ def main(argv=None) -> None:
         throughput(a.store, a.steps, a.modes, a.nprocs, a.batches, a.tag)
     elif a.cmd == "epoch":
         epoch(a.sizes, a.steps, a.batch, a.train_only)
+    elif a.cmd == "curve":
+        curve(a.seeds, a.sets, a.stages, a.batch, a.lr)
     elif a.cmd == "child":
         run_child(a.spec)
     else:

@@ -125,6 +125,22 @@ def test_training_alone_writes_nothing(sim, tmp_path):
     assert SCALE.load(tmp_path / "model").module_.n_components == 3
 
 
+def test_fit_resumed_in_stages_equals_one_run(sim, tmp_path):
+    """Two fits of 20 steps, the second resumed from the first's checkpoint in a folder that did
+    not exist before, end bit-identical to one fit of 40 (bench_scale.py curve relies on it)."""
+    kw = dict(n_clusters=3, quick=True, min_cells=1, min_reads=1, seed=3, progress=False)
+    one = SCALE(max_iter=40, min_iter=40, **kw).fit(sim[0], outputs=False)
+    ck = tmp_path / "not" / "yet"
+    SCALE(max_iter=20, min_iter=20, checkpoint_dir=str(ck), checkpoint_every=10 ** 9, **kw).fit(sim[0], outputs=False)
+    two = SCALE(max_iter=40, min_iter=40, checkpoint_dir=str(ck), checkpoint_every=10 ** 9, resume=True,
+                **kw).fit(sim[0], outputs=False)
+    assert two.summary_["steps"] == 40
+    a, b = one.module_.state_dict(), two.module_.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert np.array_equal(a[name].numpy(), b[name].numpy()), name
+
+
 def test_bad_input_is_refused(sim, tmp_path):
     store = _copy(sim[0], tmp_path / "b.zarr")
     with pytest.raises(ValueError, match="min_reads"):

@@ -383,6 +383,8 @@ class SCALE:
                            checkpoint_every=self.checkpoint_every, resume=self.resume, progress=self.progress,
                            buffer_chunks=self.buffer_chunks, log_path=self.log_path)
         t1 = time.perf_counter()
+        if self.checkpoint_dir:  # the hand-off folder below lives in it, so it must exist first
+            Path(self.checkpoint_dir).mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix="scale-", dir=self.checkpoint_dir) as tmp:
             tmp = Path(tmp)
             np.savez(tmp / "masks.npz", cells=cells, peaks=peaks)
