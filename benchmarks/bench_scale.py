@@ -213,7 +213,7 @@ def curve(seeds, sets, stages, batch: int = 32, lr: float | None = None) -> None
                 rows = []
                 for i, step in enumerate(sorted(stages)):
                     params = {"n_clusters": int(k), "quick": True, "seed": int(seed), "batch_size": int(batch),
-                              "max_iter": int(step), "min_iter": int(step), "checkpoint_dir": str(ck),
+                              "max_iter": int(step), "min_iter": int(step), "patience": 10 ** 6, "checkpoint_dir": str(ck),
                               "checkpoint_every": 10 ** 9, "resume": i > 0}
                     if lr is not None:
                         params["lr"] = lr

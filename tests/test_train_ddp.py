@@ -144,6 +144,24 @@ def test_early_stopping_and_max_iter(store):
     assert out["steps"] == 7 and not out["stopped_early"]
 
 
+def test_resume_judges_the_stop_by_the_new_rule(store, tmp_path):
+    """A run that stopped early stays stopped when resumed with the same rule, and trains on
+    when resumed with a later ``min_iter`` (a longer budget must not inherit the old stop)."""
+    rows = StoreRows(store, chunk_rows=40)
+    torch.manual_seed(0)
+    m = SCALEModule(rows.n_peaks, 3, (16,), 4)
+    stream = ShardedStream(rows, batch_size=32)
+    rule = dict(lr=0.0, weight_decay=0.0, patience=3, checkpoint_dir=str(tmp_path), checkpoint_every=10 ** 9,
+                progress=False)
+    first = fit(m, stream, TrainConfig(max_iter=10_000, **rule))
+    assert first["stopped_early"]
+    again = fit(m, stream, TrainConfig(max_iter=10_000, resume=True, **rule))
+    assert again["stopped_early"] and again["steps"] == first["steps"]
+    later = first["steps"] + 2 * stream.steps_per_epoch
+    more = fit(m, stream, TrainConfig(max_iter=later, min_iter=later, resume=True, **rule))
+    assert more["steps"] == later > first["steps"]                  # it trained on
+
+
 def test_rank_from_torchrun_and_slurm_variables():
     from scatac_dist.train import DistEnv
 

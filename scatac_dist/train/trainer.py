@@ -129,6 +129,9 @@ def fit(module: nn.Module, stream: ShardedStream, cfg: TrainConfig, env: DistEnv
         module.load_state_dict(ck["module"])
         opt.load_state_dict(ck["optimizer"])
         st.update(ck["trainer"])
+        # judged again under this run's rule: a resume with a larger budget or a later min_iter
+        # goes on training instead of inheriting the earlier run's stop (same rule: same stop)
+        st["stopped_early"] = bool(st["bad_epochs"] >= cfg.patience and st["step"] >= cfg.min_iter)
         if env.rank != 0:  # the partial epoch sum was reduced into rank 0's copy
             st["epoch_sum"], st["epoch_n"] = 0.0, 0.0
         logger.info("resumed from step %d (epoch %d)", st["step"], st["epoch"])
