@@ -328,14 +328,15 @@ def report() -> None:
     print("\n".join(lines))
     from results_md import replace_block
 
-    replace_block("scale", "## SCALE (`python benchmarks/bench_scale.py quality|throughput|epoch`, then `report`)\n\n"
+    replace_block("scale", "## SCALE (`python benchmarks/bench_scale.py quality|throughput|epoch|curve`, then `report`)\n\n"
                   "CPU only (no GPU on this machine). Quality: k = number of labels, k-means (n_init 20) and "
                   "Leiden searched to k on `obsm['X_scale']` (protocol of `bench_quality.py`, seed 0); "
                   "SnapATAC2's k-means ARI and the authors' 280 cells/s are the figures measured beforehand "
                   "(issue 5). Throughput: synthetic store, 10k cells x 100k peaks. Epoch: quick encoder, 100 "
                   "steps of 256 cells at each size over every cell (SCALE's filters off), DDP off; the epoch time is projected from "
                   "the measured cells/s. Rows ending in `-epoch` train one whole epoch (cells / 256 steps); `-train`: "
-                  "training alone (`fit(outputs=False)`).\n\n" + "\n".join(lines))
+                  "training alone (`fit(outputs=False)`). Curve: one 30,000-step run per seed, resumed at each stage, "
+                  "each run pinned to one core (two ran side by side).\n\n" + "\n".join(lines))
     _plot(res)
 
 
@@ -369,6 +370,7 @@ def _plot(res: dict) -> None:
         axes[1].plot(keys, [e[k].get("peak_rss_tree_gib", 0) for k in keys], "s-", label="all processes")
         axes[1].set_ylabel("peak RSS, GiB")
         axes[1].set_xlabel("cells")
+        axes[1].tick_params(axis="x", rotation=30)
         axes[1].legend()
     cv = res.get("curve", {})
     for group, steps in _curve_groups(cv).items():
