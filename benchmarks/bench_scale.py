@@ -192,19 +192,14 @@ def curve(seeds, sets, stages, batch: int = 32, lr: float | None = None) -> None
     import tempfile
 
     from bench_quality import DATASETS
+    from bench_sccase import _quality_store
     from distributed import Client, LocalCluster
-
-    import scatac_dist as sd
 
     WORK.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="curve-", dir=WORK) as tmp:
         tmp = Path(tmp)
         with LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=":0") as lc, Client(lc) as client:
-            stores = {}
-            for name in sets:
-                stores[name] = tmp / f"{name}.zarr"
-                spec = DATASETS[name]
-                sd.ingest(spec["inputs"], stores[name], labels=spec["labels"], client=client, progress=False)
+            stores = {name: _quality_store(name, client, folder=tmp) for name in sets}
         for name in sets:
             k = len(np.unique(_labels(stores[name], DATASETS[name]["key"])))
             for seed in seeds:
@@ -217,7 +212,9 @@ def curve(seeds, sets, stages, batch: int = 32, lr: float | None = None) -> None
                               "checkpoint_every": 10 ** 9, "resume": i > 0}
                     if lr is not None:
                         params["lr"] = lr
-                    res = _run(f"curve_{key}_{step}", stores[name], params, labels_key=DATASETS[name]["key"])
+                    # the store is this process's own copy: each stage's outputs replace the last's
+                    res = _run(f"curve_{key}_{step}", stores[name], params, labels_key=DATASETS[name]["key"],
+                               copy=False)
                     s = res.get("summary") or {}
                     rows.append({"step": int(step), "status": res.get("status"), "kmeans_ari": res.get("kmeans_ari"),
                                  "leiden_ari": res.get("leiden_ari"), "cells_per_s": s.get("cells_per_s"),

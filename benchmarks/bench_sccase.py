@@ -65,14 +65,14 @@ def _save(section: str, value) -> None:
     os.replace(tmp, OUT)
 
 
-def _quality_store(name: str, client) -> Path:
-    """A fresh ingest of a real set (the same inputs as bench_quality)."""
+def _quality_store(name: str, client, folder: Path | None = None) -> Path:
+    """A fresh ingest of a real set (the same inputs as bench_quality) into ``folder``."""
     from bench_quality import DATASETS
 
     import scatac_dist as sd
 
     spec = DATASETS[name]
-    store = WORK / f"{name}.zarr"
+    store = (folder or WORK) / f"{name}.zarr"
     sd.ingest(spec["inputs"], store, labels=spec["labels"], overwrite=True, client=client, progress=False)
     return store
 
