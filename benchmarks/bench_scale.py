@@ -159,7 +159,7 @@ def _run(name: str, store: Path, params: dict, labels_key: str | None = None, co
 
 
 def quality(seeds, sets, full: bool, batch: int = 32, lr: float | None = None, min_iter: int | None = None,
-            max_iter: int | None = None) -> None:
+            max_iter: int | None = None, depth_norm: bool = False) -> None:
     from bench_quality import DATASETS
     from bench_sccase import _quality_store
     from distributed import Client, LocalCluster
@@ -175,6 +175,9 @@ def quality(seeds, sets, full: bool, batch: int = 32, lr: float | None = None, m
                 if val is not None:
                     params[opt] = val
                     mode += f"-{opt.replace('_', '')}{val:g}"
+            if depth_norm:
+                params["depth_norm"] = True
+                mode += "-depthnorm"
             key = f"{name}_{mode}_seed{seed}"
             res = _run(key, stores[name], params, labels_key=DATASETS[name]["key"])
             _save("quality", key, res)
@@ -399,6 +402,7 @@ def main(argv=None) -> None:
     q.add_argument("--lr", type=float, help="learning rate (default: SCALE's, 2e-3)")
     q.add_argument("--min-iter", type=int, help="no early stop before this step (default: SCALE's, 10,000)")
     q.add_argument("--max-iter", type=int, help="step budget (default: SCALE's, 30,000)")
+    q.add_argument("--depth-norm", action="store_true", help="SCALE(depth_norm=True): encoder input scaled per cell")
     t = sub.add_parser("throughput")
     t.add_argument("--store", type=Path)
     t.add_argument("--steps", type=int, default=100)
@@ -423,7 +427,7 @@ def main(argv=None) -> None:
     c.add_argument("spec")
     a = ap.parse_args(argv)
     if a.cmd == "quality":
-        quality(a.seeds, a.sets, a.full, a.batch, a.lr, a.min_iter, a.max_iter)
+        quality(a.seeds, a.sets, a.full, a.batch, a.lr, a.min_iter, a.max_iter, a.depth_norm)
     elif a.cmd == "throughput":
         throughput(a.store, a.steps, a.modes, a.nprocs, a.batches, a.tag)
     elif a.cmd == "epoch":

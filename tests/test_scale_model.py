@@ -102,7 +102,7 @@ def test_simulated_data_clusters_and_imputes(sim, tmp_path, client):
 def test_cli_scale_and_estimated_k(sim, tmp_path):
     store = _copy(sim[0], tmp_path / "c.zarr")
     r = CliRunner().invoke(main, ["--workers", "1", "--no-progress", "scale", str(store), "--quick", "--max-iter",
-                                  "60", "--min-cells", "1", "--min-reads", "1", "--model-out",
+                                  "60", "--min-cells", "1", "--min-reads", "1", "--depth-norm", "--model-out",
                                   str(tmp_path / "model")])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output[r.output.index("{"):])
@@ -111,6 +111,7 @@ def test_cli_scale_and_estimated_k(sim, tmp_path):
     assert "scale_gmm" in a.obs and "scale_kmeans" not in a.obs
     m = SCALE.load(tmp_path / "model")
     assert m.module_.n_components == out["n_clusters"]
+    assert m.depth_norm and m.module_.encoder.input_scale > 0                # --depth-norm reached the model
 
 
 def test_training_alone_writes_nothing(sim, tmp_path):
@@ -123,6 +124,22 @@ def test_training_alone_writes_nothing(sim, tmp_path):
     assert set(a.obs.columns) == before and "X_scale" not in a.keys("obsm") and "scale" not in a.provenance()
     m.save(tmp_path / "model")                                      # the trained model is still usable
     assert SCALE.load(tmp_path / "model").module_.n_components == 3
+
+
+def test_depth_norm_scales_to_the_median_open_peaks(sim, tmp_path):
+    """``depth_norm=True`` builds the encoder with the median open (kept) peaks per used cell as
+    the input total, and a saved model keeps it."""
+    m = SCALE(n_clusters=3, quick=True, max_iter=10, min_cells=1, min_reads=1, depth_norm=True,
+              progress=False).fit(sim[0], outputs=False)
+    a = open_atlas(sim[0])
+    cells, peaks = m._masks(a)
+    X = a.read("X")[cells][:, peaks]
+    expected = float(np.median(np.diff(sp.csr_matrix(X).indptr)))
+    assert m.module_.input_scale == m.module_.encoder.input_scale == expected
+    m.save(tmp_path / "model")
+    assert SCALE.load(tmp_path / "model").module_.encoder.input_scale == expected
+    assert SCALE(n_clusters=3, quick=True, max_iter=10, min_cells=1, min_reads=1, progress=False).fit(
+        sim[0], outputs=False).module_.encoder.input_scale is None
 
 
 def test_fit_resumed_in_stages_equals_one_run(sim, tmp_path):

@@ -214,3 +214,30 @@ def test_state_with_log_variances_loads_as_raw_variances():
     x = (torch.rand(5, 12) < 0.4).float()
     eps = torch.randn(5, 2)
     torch.testing.assert_close(fresh(x, noise=eps), m(x, noise=eps))
+
+
+def test_depth_normalised_encoder_input_matches_numpy():
+    """``input_scale``: the encoder sees each cell's input divided by its total and multiplied by
+    the scale, on the CSR path and the dense path alike; an empty cell stays empty, and a cell
+    with every value tripled encodes the same."""
+    from scatac_dist.train.data import SparseBatch
+
+    rng = np.random.default_rng(5)
+    x = ((rng.random((8, 40)) < 0.3) * rng.integers(1, 3, (8, 40))).astype(np.float32)
+    x[3] = 0
+    x[6] = 3 * x[5]
+    torch.manual_seed(0)
+    m = SCALEModule(40, 3, (12, 6), 4, input_scale=5.0)
+    b = SparseBatch.from_csr(sp.csr_matrix(x), np.arange(8)).to_device("cpu")
+    sparse_mu, _ = m.encoder(cols=b["cols"], offsets=b["offsets"], values=b["values"])
+    dense_mu, _ = m.encoder(torch.from_numpy(x))
+    tot = x.sum(1, keepdims=True)
+    xn = np.divide(x * 5.0, tot, out=np.zeros_like(x), where=tot > 0)
+    with torch.no_grad():
+        ref = m.encoder.mu(m.encoder.hidden(m.encoder.first(torch.from_numpy(xn))))
+    torch.testing.assert_close(sparse_mu.detach(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dense_mu.detach(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sparse_mu[6].detach(), sparse_mu[5].detach(), rtol=1e-5, atol=1e-5)
+    plain = SCALEModule(40, 3, (12, 6), 4)
+    plain.load_state_dict(m.state_dict())
+    assert not torch.allclose(plain.encoder(torch.from_numpy(x))[0][6], plain.encoder(torch.from_numpy(x))[0][5])

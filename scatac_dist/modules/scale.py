@@ -112,10 +112,17 @@ class SparseInputLinear(nn.Module):
 
 
 class MLPEncoder(nn.Module):
-    """``x -> (mu, logvar)``: Linear + ReLU layers, then two linear heads of size ``n_latent``."""
+    """``x -> (mu, logvar)``: Linear + ReLU layers, then two linear heads of size ``n_latent``.
 
-    def __init__(self, n_input: int, hidden: tuple[int, ...], n_latent: int):
+    ``input_scale``: when set, each cell's input is first divided by its total and multiplied
+    by ``input_scale`` (the authors' maintained package normalises totals the same way), so a
+    cell with many open peaks is not encoded far out along a depth direction. Only the
+    encoder's input changes; the likelihood stays on the binary data.
+    """
+
+    def __init__(self, n_input: int, hidden: tuple[int, ...], n_latent: int, input_scale: float | None = None):
         super().__init__()
+        self.input_scale = None if input_scale is None else float(input_scale)
         if not hidden:
             raise ValueError("the encoder needs at least one hidden layer")
         self.first = SparseInputLinear(n_input, hidden[0])
@@ -128,7 +135,19 @@ class MLPEncoder(nn.Module):
         self.mu = nn.Linear(prev, n_latent)
         self.logvar = nn.Linear(prev, n_latent)
 
+    def _normalised(self, x, offsets, values):
+        if values is not None and offsets is not None:  # the CSR pieces are what the first layer reads
+            lengths = torch.diff(offsets, append=offsets.new_tensor([values.numel()]))
+            rows = torch.repeat_interleave(torch.arange(len(offsets), device=values.device), lengths)
+            totals = torch.zeros(len(offsets), dtype=values.dtype, device=values.device).index_add_(0, rows, values)
+            values = values * (self.input_scale / totals.clamp_min(1e-12))[rows]
+        elif x is not None:
+            x = x * (self.input_scale / x.sum(1, keepdim=True).clamp_min(1e-12))
+        return x, values
+
     def forward(self, x: torch.Tensor | None = None, cols=None, offsets=None, values=None):
+        if self.input_scale is not None:
+            x, values = self._normalised(x, offsets, values)
         h = self.hidden(self.first(x, cols, offsets, values))
         return self.mu(h), self.logvar(h)
 
@@ -202,15 +221,19 @@ class SCALEModule(nn.Module):
         Encoder layer sizes: :data:`FULL_LAYERS` (paper default) or :data:`QUICK_LAYERS`.
     n_latent
         Latent dimensions (10 in the paper).
+    input_scale
+        Normalise each cell's encoder input to this total (:class:`MLPEncoder`); ``None``:
+        the paper's binary input as it is.
     """
 
     def __init__(self, n_input: int, n_components: int, hidden: tuple[int, ...] = FULL_LAYERS,
-                 n_latent: int = 10, kl_warmup: int = 0):
+                 n_latent: int = 10, kl_warmup: int = 0, input_scale: float | None = None):
         super().__init__()
         self.n_input, self.n_components, self.n_latent = n_input, n_components, n_latent
         self.hidden_sizes = tuple(int(h) for h in hidden)
         self.kl_warmup = int(kl_warmup)
-        self.encoder = MLPEncoder(n_input, self.hidden_sizes, n_latent)
+        self.input_scale = None if input_scale is None else float(input_scale)
+        self.encoder = MLPEncoder(n_input, self.hidden_sizes, n_latent, self.input_scale)
         self.decoder = nn.Linear(n_latent, n_input)
         self.prior = GMMPrior(n_components, n_latent)
         # the authors' initialisation: Xavier-normal weights, zero biases
@@ -221,7 +244,8 @@ class SCALEModule(nn.Module):
 
     def config(self) -> dict:
         return {"n_input": self.n_input, "n_components": self.n_components,
-                "hidden": list(self.hidden_sizes), "n_latent": self.n_latent, "kl_warmup": self.kl_warmup}
+                "hidden": list(self.hidden_sizes), "n_latent": self.n_latent, "kl_warmup": self.kl_warmup,
+                "input_scale": self.input_scale}
 
     def kl_weight(self, step: int | None) -> float:
         """The authors' deterministic warm-up: the KL weight rises linearly to 1 over ``kl_warmup`` steps."""
