@@ -16,6 +16,7 @@ from sklearn.metrics import roc_auc_score
 from scatac_dist.cli import main
 from scatac_dist.io import ingest
 from scatac_dist.models import SCALE
+from scatac_dist.models.scale import js_specificity
 from scatac_dist.store import open_atlas
 from scatac_dist.tl.metrics import ari
 
@@ -95,6 +96,15 @@ def test_simulated_data_clusters_and_imputes(sim, tmp_path, client):
     blocks = [np.bincount(best[c * 100:(c + 1) * 100][kept[c * 100:(c + 1) * 100]]).argmax() for c in range(3)]
     assert len(set(blocks)) == 3
     assert a.var["scale_specific"].to_numpy(bool)[:300][kept[:300]].all()
+    # and the scores are the Jensen-Shannon score of each k-means cluster's mean imputed profile
+    W = a.read("varm/scale_decoder")[kept]
+    b = m.module_.decoder.bias.detach().numpy()
+    P = 1 / (1 + np.exp(-(Z[used].astype(np.float64) @ W.T + b)))
+    lab = a.obs["scale_kmeans"][used].astype(int).to_numpy()
+    M = np.stack([P[lab == c].mean(0) for c in range(3)], 1)
+    ref_score, ref_best = js_specificity(M)
+    np.testing.assert_allclose(score[kept], ref_score, rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(best[kept], ref_best)
     rec = a.provenance()["scale"]
     assert rec["result"]["n_clusters"] == 3 and rec["result"]["steps"] > 0
 

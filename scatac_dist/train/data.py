@@ -60,13 +60,16 @@ class SparseBatch:
     def __len__(self) -> int:
         return len(self.indptr) - 1
 
-    def to_device(self, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
-        """The batch on ``device``: dense ``x`` (cells x peaks), and the sparse pieces a first
-        layer can use directly (``cols``, ``offsets``: row starts, ``values``)."""
+    def to_device(self, device: torch.device | str = "cpu", dense: bool = True) -> dict[str, torch.Tensor]:
+        """The batch on ``device``: dense ``x`` (cells x peaks; left out with ``dense=False``,
+        e.g. for encoding alone), and the sparse pieces a first layer can use directly
+        (``cols``, ``offsets``: row starts, ``values``)."""
         device = torch.device(device)
         cols = torch.from_numpy(np.asarray(self.indices, np.int64)).to(device, non_blocking=True)
         indptr = torch.from_numpy(np.asarray(self.indptr, np.int64)).to(device, non_blocking=True)
         vals = torch.from_numpy(np.asarray(self.data, np.float32)).to(device, non_blocking=True)
+        if not dense:
+            return {"cols": cols, "offsets": indptr[:-1], "values": vals}
         n = len(self)
         rows = torch.repeat_interleave(torch.arange(n, device=device), indptr[1:] - indptr[:-1])
         x = torch.zeros((n, self.n_cols), dtype=torch.float32, device=device)
