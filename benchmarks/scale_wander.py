@@ -46,12 +46,13 @@ def main(argv=None) -> None:
     stages = [9000 + 100 * i for i in range(21)]
     base = dict(n_clusters=k, quick=True, seed=a.seed, batch_size=32, patience=10 ** 6,
                 checkpoint_dir=str(work / "ck"), checkpoint_every=10 ** 9, progress=False)
+    # the cells SCALE trains on, binarised, read once (a quality set of a few hundred cells)
+    cells, peaks = SCALE(**base)._masks(atlas)
+    X = atlas.read("X")[cells][:, np.flatnonzero(peaks)].tocsr()
+    X.data[:] = 1.0
     states, rows, m = [], [], None
     for i, st in enumerate(stages):
         m = SCALE(max_iter=st, min_iter=st, resume=i > 0, **base).fit(a.store, outputs=False)
-        cells, peaks = m._masks(atlas)
-        X = atlas.read("X")[cells][:, np.flatnonzero(peaks)].tocsr()
-        X.data[:] = 1.0
         E = m._encode_csr(m.module_, X, joint=False)[0]
         r = protocol(E, y_all[cells])
         r["step"] = st

@@ -275,38 +275,40 @@ class SCALE:
     # ------------------------------------------------------------------ preprocessing
 
     def _masks(self, atlas: Atlas) -> tuple[np.ndarray, np.ndarray]:
+        """The cells and peaks SCALE uses (boolean masks over the store)."""
+        return self._prepare(atlas)[:2]
+
+    def _prepare(self, atlas: Atlas) -> tuple[np.ndarray, np.ndarray, float | None]:
+        """The cells and peaks SCALE uses, and with ``depth_norm`` the median open peaks per
+        used cell (the total each cell's encoder input is scaled to, so a typical cell's input
+        is about what it was). The cell filter's counts and the open peaks come from one pass."""
         from .. import ops
         from ..pp._reduce import per_cell
         from ..pp._views import view
         from ..pp.filter import _cells_with_at_least, cell_mask, peak_mask
 
         cells, peaks = cell_mask(atlas), peak_mask(atlas)
-        if not self.preprocess:
-            return cells, peaks
-        hits = _cells_with_at_least(atlas, cells, self.min_reads)
-        peaks = peaks & (hits >= self.min_cells) & (hits > 0)
-        if not peaks.any():
-            raise ValueError(f"no peak has >= {self.min_reads} reads in >= {self.min_cells} cells; "
-                             "lower min_reads/min_cells (--min-reads/--min-cells)")
-        counts = np.zeros(atlas.n_obs)
-        counts[cells] = dask.compute(per_cell(view(atlas.X, cells=cells,
-                                                   peaks=np.flatnonzero(peaks)), ops.row_counts))[0]
-        cells = cells & (counts >= peaks.sum() / 50) & (counts > 0)
-        if not cells.any():
-            raise ValueError("no cell passes SCALE's filter (counts >= kept peaks / 50)")
-        return cells, peaks
-
-    def _input_scale(self, atlas: Atlas, cells, peaks) -> float | None:
-        """With ``depth_norm``: the median open peaks per used cell, the total each cell's
-        encoder input is scaled to (so a typical cell's input is about what it was)."""
-        if not self.depth_norm:
-            return None
-        from .. import ops
-        from ..pp._reduce import per_cell
-        from ..pp._views import view
-
-        nnz = dask.compute(per_cell(view(atlas.X, cells=cells, peaks=np.flatnonzero(peaks)), ops.row_nnz))[0]
-        return float(np.median(nnz))
+        if self.preprocess:
+            hits = _cells_with_at_least(atlas, cells, self.min_reads)
+            peaks = peaks & (hits >= self.min_cells) & (hits > 0)
+            if not peaks.any():
+                raise ValueError(f"no peak has >= {self.min_reads} reads in >= {self.min_cells} cells; "
+                                 "lower min_reads/min_cells (--min-reads/--min-cells)")
+        X = view(atlas.X, cells=cells, peaks=np.flatnonzero(peaks))
+        passes = {}
+        if self.preprocess:
+            passes["counts"] = per_cell(X, ops.row_counts)
+        if self.depth_norm:
+            passes["open"] = per_cell(X, ops.row_nnz)
+        got = {key: np.zeros(atlas.n_obs) for key in passes}
+        for key, vals in zip(passes, dask.compute(*passes.values())):
+            got[key][cells] = vals
+        if self.preprocess:
+            cells = cells & (got["counts"] >= peaks.sum() / 50) & (got["counts"] > 0)
+            if not cells.any():
+                raise ValueError("no cell passes SCALE's filter (counts >= kept peaks / 50)")
+        scale = float(np.median(got["open"][cells])) if self.depth_norm else None
+        return cells, peaks, scale
 
     def _estimate_k(self, atlas: Atlas, cells, peaks) -> int:
         from ..pp._views import view
@@ -375,7 +377,7 @@ class SCALE:
         env = DistEnv.from_environ()
         t = {}
         t0 = time.perf_counter()
-        cells, peaks = self._masks(atlas)
+        cells, peaks, input_scale = self._prepare(atlas)
         t["preprocess"] = time.perf_counter() - t0
         k = self.n_clusters
         if k is None:
@@ -393,7 +395,7 @@ class SCALE:
         logger.info("SCALE: %d cells x %d peaks, k = %d, encoder %s", rows.n_cells, rows.n_peaks, k, self._hidden())
         torch.manual_seed(self.seed)
         module = SCALEModule(rows.n_peaks, int(k), self._hidden(), self.n_latent, kl_warmup=self.kl_warmup,
-                             input_scale=self._input_scale(atlas, cells, peaks))
+                             input_scale=input_scale)
         t1 = time.perf_counter()
         if not self.resume:
             self._gmm_init(module, rows, int(k))

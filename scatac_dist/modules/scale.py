@@ -232,8 +232,7 @@ class SCALEModule(nn.Module):
         self.n_input, self.n_components, self.n_latent = n_input, n_components, n_latent
         self.hidden_sizes = tuple(int(h) for h in hidden)
         self.kl_warmup = int(kl_warmup)
-        self.input_scale = None if input_scale is None else float(input_scale)
-        self.encoder = MLPEncoder(n_input, self.hidden_sizes, n_latent, self.input_scale)
+        self.encoder = MLPEncoder(n_input, self.hidden_sizes, n_latent, input_scale)
         self.decoder = nn.Linear(n_latent, n_input)
         self.prior = GMMPrior(n_components, n_latent)
         # the authors' initialisation: Xavier-normal weights, zero biases
@@ -241,6 +240,10 @@ class SCALEModule(nn.Module):
             if isinstance(m, (nn.Linear, SparseInputLinear)):  # Xavier is symmetric in fan-in/out
                 nn.init.xavier_normal_(m.weight)
                 nn.init.zeros_(m.bias)
+
+    @property
+    def input_scale(self) -> float | None:
+        return self.encoder.input_scale
 
     def config(self) -> dict:
         return {"n_input": self.n_input, "n_components": self.n_components,
