@@ -2,7 +2,8 @@
 atlas grows.
 
     python benchmarks/bench_scale.py quality [--seeds 0 1 2] [--sets leukemia bm0828] [--full] [--batch 32]
-                                             [--lr LR] [--min-iter N] [--max-iter N]
+                                             [--lr LR] [--min-iter N] [--max-iter N] [--depth-norm]
+                                             [--depth-offset]
     python benchmarks/bench_scale.py throughput [--store PATH] [--steps 100] [--modes quick full]
                                                 [--nprocs 1 2] [--batches 32 256] [--tag NAME]
     python benchmarks/bench_scale.py epoch --sizes 10000 100000 1000000 [--steps N] [--batch 256] [--train-only]
@@ -11,7 +12,8 @@ atlas grows.
     python benchmarks/bench_scale.py report
 
 * ``quality``: SCALE with k = number of labels, CPU, default settings (quick encoder unless
-  ``--full``), one run per seed; k-means and Leiden on ``obsm['X_scale']`` with
+  ``--full``) except the decoder: the paper's unless ``--depth-offset`` (SCALE's default
+  since 2026-12-01; the rows are named for it, so older rows keep their meaning), one run per seed; k-means and Leiden on ``obsm['X_scale']`` with
   ``bench_quality.protocol`` (seed 0). Training cells/s of each run is recorded: the
   Leukemia figure is the one compared with the authors' 280 cells/s.
 * ``curve``: k-means and Leiden ARI of one run per seed at several step counts, early
@@ -159,7 +161,7 @@ def _run(name: str, store: Path, params: dict, labels_key: str | None = None, co
 
 
 def quality(seeds, sets, full: bool, batch: int = 32, lr: float | None = None, min_iter: int | None = None,
-            max_iter: int | None = None, depth_norm: bool = False) -> None:
+            max_iter: int | None = None, depth_norm: bool = False, depth_offset: bool = False) -> None:
     from bench_quality import DATASETS
     from bench_sccase import _quality_store
     from distributed import Client, LocalCluster
@@ -178,12 +180,17 @@ def quality(seeds, sets, full: bool, batch: int = 32, lr: float | None = None, m
             if depth_norm:
                 params["depth_norm"] = True
                 mode += "-depthnorm"
+            # explicit either way, so rows keep their meaning: the ones without the suffix are
+            # the paper's decoder (SCALE's default until 2026-12-01)
+            params["depth_offset"] = bool(depth_offset)
+            if depth_offset:
+                mode += "-depthoffset"
             key = f"{name}_{mode}_seed{seed}"
             res = _run(key, stores[name], params, labels_key=DATASETS[name]["key"])
             _save("quality", key, res)
 
 
-def curve(seeds, sets, stages, batch: int = 32, lr: float | None = None) -> None:
+def curve(seeds, sets, stages, batch: int = 32, lr: float | None = None, depth_offset: bool = False) -> None:
     """ARI along training: one fixed-budget run per seed, stopped and resumed at each stage.
 
     Each stage is a separate ``SCALE.fit`` with ``max_iter = min_iter = stage`` and
@@ -207,12 +214,13 @@ def curve(seeds, sets, stages, batch: int = 32, lr: float | None = None) -> None
             k = len(np.unique(_labels(stores[name], DATASETS[name]["key"])))
             for seed in seeds:
                 ck = tmp / f"ck-{name}-{seed}"
-                key = f"{name}_b{batch}" + ("" if lr is None else f"-lr{lr:g}") + f"_seed{seed}"
+                key = (f"{name}_b{batch}" + ("" if lr is None else f"-lr{lr:g}")
+                       + ("-depthoffset" if depth_offset else "") + f"_seed{seed}")
                 rows = []
                 for i, step in enumerate(sorted(stages)):
                     params = {"n_clusters": int(k), "quick": True, "seed": int(seed), "batch_size": int(batch),
                               "max_iter": int(step), "min_iter": int(step), "patience": 10 ** 6, "checkpoint_dir": str(ck),
-                              "checkpoint_every": 10 ** 9, "resume": i > 0}
+                              "checkpoint_every": 10 ** 9, "resume": i > 0, "depth_offset": bool(depth_offset)}
                     if lr is not None:
                         params["lr"] = lr
                     # the store is this process's own copy: each stage's outputs replace the last's
@@ -332,7 +340,11 @@ def report() -> None:
                   "CPU only (no GPU on this machine). Quality: k = number of labels, k-means (n_init 20) and "
                   "Leiden searched to k on `obsm['X_scale']` (protocol of `bench_quality.py`, seed 0); "
                   "SnapATAC2's k-means ARI and the authors' 280 cells/s are the figures measured beforehand "
-                  "(issue 5). Throughput: synthetic store, 10k cells x 100k peaks. Epoch: quick encoder, 100 "
+                  "(issue 5). Quality rows with `depthoffset` in the encoder column use SCALE's default decoder "
+                  "(`depth_offset`, a per-cell depth term); the others, the curve and the throughput and epoch rows "
+                  "use the paper's decoder (`depth_offset=False`), SCALE's default before 2026-12-01. "
+                  "`quick-depthnorm` and `quick-depthoffset` runs (batch 32) ran two side by side, each pinned "
+                  "to one core, so their cells/s are one core's. Throughput: synthetic store, 10k cells x 100k peaks. Epoch: quick encoder, 100 "
                   "steps of 256 cells at each size over every cell (SCALE's filters off), DDP off; the epoch time is projected from "
                   "the measured cells/s. Rows ending in `-epoch` train one whole epoch (cells / 256 steps); `-train`: "
                   "training alone (`fit(outputs=False)`). Curve: one 30,000-step run per seed, resumed at each stage, "
@@ -403,6 +415,9 @@ def main(argv=None) -> None:
     q.add_argument("--min-iter", type=int, help="no early stop before this step (default: SCALE's, 10,000)")
     q.add_argument("--max-iter", type=int, help="step budget (default: SCALE's, 30,000)")
     q.add_argument("--depth-norm", action="store_true", help="SCALE(depth_norm=True): encoder input scaled per cell")
+    q.add_argument("--depth-offset", action="store_true",
+                   help="SCALE(depth_offset=True), SCALE's default: per-cell depth offset on the decoder's "
+                        "logits; without it the paper's decoder (depth_offset=False)")
     t = sub.add_parser("throughput")
     t.add_argument("--store", type=Path)
     t.add_argument("--steps", type=int, default=100)
@@ -422,18 +437,19 @@ def main(argv=None) -> None:
     cv.add_argument("--stages", type=int, nargs="+", default=[5_000, 10_000, 20_000, 30_000])
     cv.add_argument("--batch", type=int, default=32)
     cv.add_argument("--lr", type=float, help="learning rate (default: SCALE's, 2e-3)")
+    cv.add_argument("--depth-offset", action="store_true", help="SCALE's default decoder (see quality)")
     sub.add_parser("report")
     c = sub.add_parser("child")
     c.add_argument("spec")
     a = ap.parse_args(argv)
     if a.cmd == "quality":
-        quality(a.seeds, a.sets, a.full, a.batch, a.lr, a.min_iter, a.max_iter, a.depth_norm)
+        quality(a.seeds, a.sets, a.full, a.batch, a.lr, a.min_iter, a.max_iter, a.depth_norm, a.depth_offset)
     elif a.cmd == "throughput":
         throughput(a.store, a.steps, a.modes, a.nprocs, a.batches, a.tag)
     elif a.cmd == "epoch":
         epoch(a.sizes, a.steps, a.batch, a.train_only)
     elif a.cmd == "curve":
-        curve(a.seeds, a.sets, a.stages, a.batch, a.lr)
+        curve(a.seeds, a.sets, a.stages, a.batch, a.lr, a.depth_offset)
     elif a.cmd == "child":
         run_child(a.spec)
     else:

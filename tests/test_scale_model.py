@@ -112,7 +112,7 @@ def test_simulated_data_clusters_and_imputes(sim, tmp_path, client):
 def test_cli_scale_and_estimated_k(sim, tmp_path):
     store = _copy(sim[0], tmp_path / "c.zarr")
     r = CliRunner().invoke(main, ["--workers", "1", "--no-progress", "scale", str(store), "--quick", "--max-iter",
-                                  "60", "--min-cells", "1", "--min-reads", "1", "--depth-norm", "--model-out",
+                                  "60", "--min-cells", "1", "--min-reads", "1", "--depth-norm", "--no-depth-offset", "--model-out",
                                   str(tmp_path / "model")])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output[r.output.index("{"):])
@@ -122,6 +122,7 @@ def test_cli_scale_and_estimated_k(sim, tmp_path):
     m = SCALE.load(tmp_path / "model")
     assert m.module_.n_components == out["n_clusters"]
     assert m.depth_norm and m.module_.encoder.input_scale > 0                # --depth-norm reached the model
+    assert not m.depth_offset and m.module_.depth_ref is None               # and --no-depth-offset
 
 
 def test_training_alone_writes_nothing(sim, tmp_path):
@@ -137,19 +138,25 @@ def test_training_alone_writes_nothing(sim, tmp_path):
 
 
 def test_depth_norm_scales_to_the_median_open_peaks(sim, tmp_path):
-    """``depth_norm=True`` builds the encoder with the median open (kept) peaks per used cell as
-    the input total, and a saved model keeps it."""
-    m = SCALE(n_clusters=3, quick=True, max_iter=10, min_cells=1, min_reads=1, depth_norm=True,
-              progress=False).fit(sim[0], outputs=False)
+    """The median open (kept) peaks per used cell is the encoder's input total with
+    ``depth_norm=True`` and the decoder's reference depth with ``depth_offset`` (the default);
+    ``depth_offset=False`` without ``depth_norm`` is the paper's model; saved models keep both."""
+    kw = dict(n_clusters=3, quick=True, max_iter=10, min_cells=1, min_reads=1, progress=False)
     a = open_atlas(sim[0])
+    m = SCALE(depth_norm=True, depth_offset=False, **kw).fit(sim[0], outputs=False)
     cells, peaks = m._masks(a)
     X = a.read("X")[cells][:, peaks]
     expected = float(np.median(np.diff(sp.csr_matrix(X).indptr)))
     assert m.module_.input_scale == m.module_.encoder.input_scale == expected
+    assert m.module_.depth_ref is None
     m.save(tmp_path / "model")
     assert SCALE.load(tmp_path / "model").module_.encoder.input_scale == expected
-    assert SCALE(n_clusters=3, quick=True, max_iter=10, min_cells=1, min_reads=1, progress=False).fit(
-        sim[0], outputs=False).module_.encoder.input_scale is None
+    default = SCALE(**kw).fit(sim[0], outputs=False)
+    assert default.module_.depth_ref == expected and default.module_.input_scale is None
+    default.save(tmp_path / "default")
+    assert SCALE.load(tmp_path / "default").module_.depth_ref == expected
+    paper = SCALE(depth_offset=False, **kw).fit(sim[0], outputs=False).module_
+    assert paper.depth_ref is None and paper.input_scale is None
 
 
 def test_fit_resumed_in_stages_equals_one_run(sim, tmp_path):

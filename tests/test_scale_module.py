@@ -241,3 +241,41 @@ def test_depth_normalised_encoder_input_matches_numpy():
     plain = SCALEModule(40, 3, (12, 6), 4)
     plain.load_state_dict(m.state_dict())
     assert not torch.allclose(plain.encoder(torch.from_numpy(x))[0][6], plain.encoder(torch.from_numpy(x))[0][5])
+
+
+def test_decoder_depth_offset_matches_numpy():
+    """``depth_ref``: the reconstruction term uses logits ``W z + b + log(open_i / depth_ref)``,
+    with ``open_i`` the cell's open peaks (an empty cell counts as 1); the KL terms are unchanged."""
+    torch.manual_seed(1)
+    rng = np.random.default_rng(1)
+    m = SCALEModule(n_input=30, n_components=3, hidden=(12,), n_latent=4, depth_ref=6.0).double()
+    x = (rng.random((6, 30)) < 0.3).astype(float)
+    x[2] = 0
+    x[4] = 1
+    eps = rng.standard_normal((6, 4))
+    got = m.loss_terms(torch.tensor(x), noise=torch.tensor(eps))
+    P = {k: v.detach().double().numpy() for k, v in m.state_dict().items()}
+    h = np.maximum(x @ P["encoder.first.weight"] + P["encoder.first.bias"], 0)
+    z = h @ P["encoder.mu.weight"].T + P["encoder.mu.bias"] + np.exp(
+        (h @ P["encoder.logvar.weight"].T + P["encoder.logvar.bias"]) / 2) * eps
+    logits = z @ P["decoder.weight"].T + P["decoder.bias"] + np.log(np.maximum(x.sum(1, keepdims=True), 1) / 6.0)
+    recon = np.logaddexp(0, logits).sum(1) - (x * logits).sum(1)  # -log Ber(x | sigmoid(logits))
+    np.testing.assert_allclose(got["recon"].detach().numpy(), recon, rtol=1e-6)
+    plain = SCALEModule(n_input=30, n_components=3, hidden=(12,), n_latent=4).double()
+    plain.load_state_dict(m.state_dict())
+    ref = plain.loss_terms(torch.tensor(x), noise=torch.tensor(eps))
+    torch.testing.assert_close(got["kl"], ref["kl"])
+    assert not np.allclose(ref["recon"].detach().numpy(), recon)
+    assert SCALEModule(**m.config()).depth_ref == 6.0  # saved models rebuild it from their config
+    # the training path (CSR pieces alongside x) counts the open peaks from the row lengths
+    from scatac_dist.train.data import SparseBatch
+
+    m = m.float()
+    xs = SparseBatch.from_csr(sp.csr_matrix(x.astype(np.float32)), np.arange(6)).to_device("cpu")
+    e = torch.tensor(eps, dtype=torch.float32)
+    dense = m(xs["x"], noise=e)
+    sparse = m(**xs, noise=e)
+    torch.testing.assert_close(sparse, dense)
+    for a, b in zip(torch.autograd.grad(dense, list(m.parameters())), torch.autograd.grad(sparse, list(m.parameters()))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(float(dense), (recon + ref["kl"].detach().numpy()).mean(), rtol=1e-5)

@@ -80,7 +80,7 @@ def test_shards_are_disjoint_shuffled_and_resumable(store):
 def _spec(store, tmp, max_iter, **train):
     rows = StoreRows(store, chunk_rows=40)
     torch.manual_seed(0)
-    module = SCALEModule(rows.n_peaks, 3, (32,), 4, kl_warmup=10)
+    module = SCALEModule(rows.n_peaks, 3, (32,), 4, kl_warmup=10, depth_ref=8.0)  # SCALE's default decoder
     np.savez(tmp / "masks.npz", cells=np.ones(rows.n_obs, bool), peaks=np.ones(rows.n_vars, bool))
     torch.save(module.state_dict(), tmp / "init.pt")
     cfg = TrainConfig(batch_size=32, max_iter=max_iter, lr=2e-3, seed=1, progress=False, **train)

@@ -351,6 +351,9 @@ def sccase(obj, store, mode, k_neighbors, support, n_factors, reference, referen
 @click.option("--min-reads", type=int, default=2, show_default=True)
 @click.option("--depth-norm", is_flag=True,
               help="Scale each cell's encoder input to the median open peaks per cell (the likelihood stays binary).")
+@click.option("--depth-offset/--no-depth-offset", default=True, show_default=True,
+              help="Add log(open peaks / median) to each cell's decoder logits in training (a library-size "
+                   "term); --no-depth-offset is the paper's decoder exactly.")
 @click.option("--impute", is_flag=True, help="Write layers['scale_impute'] (dense, chunked) and layers['scale_binary'].")
 @click.option("--checkpoint-dir", type=click.Path(path_type=Path), help="Folder for checkpoints.")
 @click.option("--checkpoint-every", type=int, default=0, show_default=True, help="Steps between checkpoints (0: none).")
@@ -361,7 +364,7 @@ def sccase(obj, store, mode, k_neighbors, support, n_factors, reference, referen
 @click.option("--mod", help="Modality of a MuData store (default atac).")
 @click.pass_obj
 def scale(obj, store, n_clusters, quick, nproc, device, max_iter, batch_size, lr_schedule, lr, patience, min_iter,
-          min_cells, min_reads, depth_norm, impute, checkpoint_dir, checkpoint_every, resume, model_out, log_path, seed, mod):
+          min_cells, min_reads, depth_norm, depth_offset, impute, checkpoint_dir, checkpoint_every, resume, model_out, log_path, seed, mod):
     """SCALE (VAE with a Gaussian-mixture prior). Writes obsm['X_scale'], obs['scale_gmm'],
     obs['scale_kmeans'] (with --n-clusters), peak scores in var/varm, and with --impute the
     imputed and binarised layers."""
@@ -385,7 +388,7 @@ def scale(obj, store, n_clusters, quick, nproc, device, max_iter, batch_size, lr
             m = SCALE(n_clusters=n_clusters, quick=quick, nproc=nproc, device=device, max_iter=max_iter,
                       batch_size=batch_size, lr_schedule=lr_schedule, lr=lr, patience=patience, min_iter=min_iter,
                       min_cells=min_cells,
-                      min_reads=min_reads, depth_norm=depth_norm, impute=impute, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
+                      min_reads=min_reads, depth_norm=depth_norm, depth_offset=depth_offset, impute=impute, checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None,
                       checkpoint_every=checkpoint_every, resume=resume, seed=seed, progress=obj.progress,
                       log_path=str(log_path) if log_path else None).fit(atlas)
         except (ValueError, KeyError, FileNotFoundError) as exc:

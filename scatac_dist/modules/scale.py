@@ -38,6 +38,9 @@ to mean 0 and variance 0 by weight decay and never came back (BM0828, batch 32, 
 With the floor such a cell's ``gamma`` is flat and every component follows the cells; k-means
 ARI then kept rising with longer training instead of falling (0.50 against 0.23 after 12,000
 steps, same run). The components still end up nearly on top of each other.
+``depth_ref`` adds one term the paper does not have: ``log(open_i / depth_ref)`` on each cell's
+logits in training (see :class:`scatac_dist.models.SCALE`, where it is on by default);
+without it the model is the paper's.
 The encoder has no batch normalisation (the paper names only ReLU), which
 also keeps a DDP step equal to a single-process step over the same cells.
 """
@@ -224,12 +227,19 @@ class SCALEModule(nn.Module):
     input_scale
         Normalise each cell's encoder input to this total (:class:`MLPEncoder`); ``None``:
         the paper's binary input as it is.
+    depth_ref
+        When set, the decoder's logits in training get a per-cell offset
+        ``log(open_i / depth_ref)`` (``open_i``: the cell's open peaks), the library-size term
+        of count VAEs, so the latent need not carry a cell's depth. ``None``: the paper's
+        decoder. Decoded outputs (imputation, specificity) are at the reference depth.
     """
 
     def __init__(self, n_input: int, n_components: int, hidden: tuple[int, ...] = FULL_LAYERS,
-                 n_latent: int = 10, kl_warmup: int = 0, input_scale: float | None = None):
+                 n_latent: int = 10, kl_warmup: int = 0, input_scale: float | None = None,
+                 depth_ref: float | None = None):
         super().__init__()
         self.n_input, self.n_components, self.n_latent = n_input, n_components, n_latent
+        self.depth_ref = None if depth_ref is None else float(depth_ref)
         self.hidden_sizes = tuple(int(h) for h in hidden)
         self.kl_warmup = int(kl_warmup)
         self.encoder = MLPEncoder(n_input, self.hidden_sizes, n_latent, input_scale)
@@ -248,7 +258,7 @@ class SCALEModule(nn.Module):
     def config(self) -> dict:
         return {"n_input": self.n_input, "n_components": self.n_components,
                 "hidden": list(self.hidden_sizes), "n_latent": self.n_latent, "kl_warmup": self.kl_warmup,
-                "input_scale": self.input_scale}
+                "input_scale": self.input_scale, "depth_ref": self.depth_ref}
 
     def kl_weight(self, step: int | None) -> float:
         """The authors' deterministic warm-up: the KL weight rises linearly to 1 over ``kl_warmup`` steps."""
@@ -283,6 +293,15 @@ class SCALEModule(nn.Module):
         inf = self.inference(x, noise, generator, sparse)
         mu, logvar, z = inf["mu"], inf["logvar"], inf["z"]
         logits = self.generative(z)
+        if self.depth_ref is not None:
+            if sparse is not None:  # the CSR row lengths (zeros are never stored) spare a pass over x
+                offsets = sparse["offsets"]
+                open_peaks = torch.diff(offsets, append=offsets.new_tensor([sparse["cols"].numel()]))
+            else:
+                open_peaks = (x != 0).sum(1)
+            # in place: the decoder's product is not kept for its backward, and a batch x peaks
+            # copy would cost a pass at every step
+            logits = logits.add_(torch.log(open_peaks.to(logits.dtype).clamp_min(1) / self.depth_ref).unsqueeze(1))
         recon = F.binary_cross_entropy_with_logits(logits.float(), x.float(), reduction="none").sum(1)
         mu, logvar, z = mu.float(), logvar.float(), z.float()
         prior = self.prior
