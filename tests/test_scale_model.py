@@ -58,11 +58,13 @@ def _copy(src, dst):
     return dst
 
 
-def test_simulated_data_clusters_and_imputes(sim, tmp_path, client):
+@pytest.mark.parametrize("depth_offset", [True, False], ids=["default", "paper-decoder"])
+def test_simulated_data_clusters_and_imputes(sim, tmp_path, client, depth_offset):
     store, X, clean, dropped, labels = sim
     store = _copy(store, tmp_path / "s.zarr")
     m = SCALE(n_clusters=3, quick=True, max_iter=1500, min_cells=1, min_reads=1, impute=True,
-              progress=False, seed=0).fit(store)
+              progress=False, seed=0, depth_offset=depth_offset).fit(store)
+    assert (m.module_.depth_ref is not None) == depth_offset
     h = m.summary_["history"]
     assert h[-1] < 0.8 * h[0]                                    # the loss decreased
     a = open_atlas(store)
@@ -77,7 +79,7 @@ def test_simulated_data_clusters_and_imputes(sim, tmp_path, client):
     y = np.r_[np.ones(dropped[used].sum()), np.zeros(neg[used].sum())]
     auroc = roc_auc_score(y, np.r_[imp[used][dropped[used]], imp[used][neg[used]]])
     raw = roc_auc_score(y, np.r_[X[used][dropped[used]], X[used][neg[used]]])
-    print(f"auROC imputed {auroc:.3f} raw {raw:.3f}")
+    print(f"depth_offset={depth_offset}: auROC imputed {auroc:.3f} raw {raw:.3f}")
     assert raw == 0.5 and auroc > 0.9
     # the binarised layer follows the paper's rule from the imputed values
     B = a.read("layers/scale_binary").toarray()
