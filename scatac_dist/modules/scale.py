@@ -63,6 +63,11 @@ GAMMA_FLOOR = 1e-10  # and 1e-10 to p(z, c) before normalising it into gamma
 LOG_GAMMA_FLOOR = math.log(GAMMA_FLOOR)
 
 
+def _row_lengths(offsets: torch.Tensor, nnz: int) -> torch.Tensor:
+    """Entries per row of a CSR batch given as row starts (``offsets``) and its ``nnz``."""
+    return torch.diff(offsets, append=offsets.new_tensor([nnz]))
+
+
 class _CSRTimesWeight(torch.autograd.Function):
     """``X @ W`` for a CSR batch ``X`` (``cols``, ``offsets``, ``values``) and a dense ``W``.
 
@@ -83,7 +88,7 @@ class _CSRTimesWeight(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         cols, offsets, values = ctx.saved_tensors
-        counts = torch.diff(offsets, append=offsets.new_tensor([cols.numel()]))
+        counts = _row_lengths(offsets, cols.numel())
         rows = torch.repeat_interleave(torch.arange(offsets.numel(), device=cols.device), counts)
         order = torch.argsort(cols, stable=True)  # the batch's entries, peak-major (CSR of X^T)
         per_peak = torch.bincount(cols, minlength=ctx.n_input)
@@ -140,7 +145,7 @@ class MLPEncoder(nn.Module):
 
     def _normalised(self, x, offsets, values):
         if values is not None and offsets is not None:  # the CSR pieces are what the first layer reads
-            lengths = torch.diff(offsets, append=offsets.new_tensor([values.numel()]))
+            lengths = _row_lengths(offsets, values.numel())
             rows = torch.repeat_interleave(torch.arange(len(offsets), device=values.device), lengths)
             totals = torch.zeros(len(offsets), dtype=values.dtype, device=values.device).index_add_(0, rows, values)
             values = values * (self.input_scale / totals.clamp_min(1e-12))[rows]
@@ -295,8 +300,7 @@ class SCALEModule(nn.Module):
         logits = self.generative(z)
         if self.depth_ref is not None:
             if sparse is not None:  # the CSR row lengths (zeros are never stored) spare a pass over x
-                offsets = sparse["offsets"]
-                open_peaks = torch.diff(offsets, append=offsets.new_tensor([sparse["cols"].numel()]))
+                open_peaks = _row_lengths(sparse["offsets"], sparse["cols"].numel())
             else:
                 open_peaks = (x != 0).sum(1)
             # in place: the decoder's product is not kept for its backward, and a batch x peaks
