@@ -52,6 +52,7 @@ __all__ = [
     "count_dtype",
     "staged_output",
     "provenance_record",
+    "replace_dir",
 ]
 
 PROVENANCE_KEY = "scatac_dist"
@@ -87,7 +88,7 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
-def _replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path) -> None:
     """Put directory ``src`` at ``dst``, replacing what is there, as atomically as the OS allows.
 
     On Linux the swap is one atomic exchange. Elsewhere (or on filesystems without
@@ -131,7 +132,7 @@ def staged_output(out: str | os.PathLike, *, overwrite: bool = False) -> Iterato
         if not tmp.exists():
             raise RuntimeError(f"nothing was written to the staging path {tmp}")
         zarr.consolidate_metadata(str(tmp))
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -306,7 +307,7 @@ class Atlas:
         try:
             sg = zarr.open_group(str(staging), mode="w", zarr_format=self.zarr_format)
             write_elem(sg, name, value)
-            _replace_dir(staging / name, self.path / full)
+            replace_dir(staging / name, self.path / full)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         zarr.consolidate_metadata(str(self.path))

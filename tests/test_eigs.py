@@ -12,8 +12,8 @@ import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 
-from scatac_dist.tl._linalg import subspace_eigs
-from scatac_dist.tl._lobpcg import lobpcg_eigs
+from scatac_dist.tl.linalg import subspace_eigs
+from scatac_dist.tl.lobpcg import lobpcg_eigs
 
 
 def _operator(n=1500, m=800, seed=0):

@@ -20,7 +20,7 @@ import zarr
 from dask import delayed
 
 from .. import _config
-from ..store import Atlas, _replace_dir
+from ..store import Atlas, replace_dir
 from .writer import _fill_chunk
 
 
@@ -40,7 +40,7 @@ def publish_layer(atlas: Atlas, src, key: str) -> None:
     if parent not in root:
         lg = root.require_group(parent)
         lg.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
-    _replace_dir(src, atlas.path / parent / key)
+    replace_dir(src, atlas.path / parent / key)
     zarr.consolidate_metadata(str(atlas.path))
 
 

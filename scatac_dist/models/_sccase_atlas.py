@@ -77,7 +77,7 @@ class SupportProblem:
     def quad(self, V: np.ndarray, want_g: bool = True):
         """``q`` (n,) and ``g`` (n x (k+1)) for support values ``V``, one task per block."""
         pat = self.pat
-        s, w = pat.shared_s(), data._shared(pat.w)
+        s, w = pat.shared_s(), data.share(pat.w)
         parts = [delayed(_quad_task, nout=2)(str(pat.folder), s, w, self.nbr[lo:hi], V[lo:hi], want_g)
                  for lo, hi in pat.blocks()]
         res = dask.compute(*parts)

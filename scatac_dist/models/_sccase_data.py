@@ -28,9 +28,9 @@ import numpy as np
 import scipy.sparse as sp
 from dask import delayed
 
+from ..blocks import share, tree_sum
 from ..pp.filter import cell_mask
 from ..store import Atlas
-from ..tl._linalg import _shared, _tree_sum
 
 logger = logging.getLogger("scatac_dist")
 
@@ -100,7 +100,7 @@ class Pattern:
 
     def shared_s(self):
         """``s`` as one graph key (scattered once), not a copy per task."""
-        return _shared(self.s)
+        return share(self.s)
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
@@ -156,7 +156,7 @@ def build_pattern(atlas: Atlas, *, min_cell_fraction: float = 0.01, norm: str = 
     blocks = X.to_delayed().ravel()
     bounds = np.concatenate([[0], np.cumsum(X.chunks[0])])
     masks = [cells_mask[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    dfs = dask.compute(_tree_sum([delayed(_block_df)(b, mk) for b, mk in zip(blocks, masks)]))[0]
+    dfs = dask.compute(tree_sum([delayed(_block_df)(b, mk) for b, mk in zip(blocks, masks)]))[0]
     peaks = np.flatnonzero(dfs >= min_cell_fraction * n)
     if len(peaks) == 0:
         raise ValueError(f"scCASE: no peak is accessible in {min_cell_fraction:.0%} of the {n} cells; "
@@ -172,7 +172,7 @@ def build_pattern(atlas: Atlas, *, min_cell_fraction: float = 0.01, norm: str = 
     try:
         spool = folder / "spool"
         spool.mkdir()
-        pm, ws = _shared(peak_map), _shared(w)
+        pm, ws = share(peak_map), share(w)
         nnz = dask.compute(*[delayed(_block_pattern)(b, mk, pm, ws, str(spool / f"{i:07d}"))
                              for i, (b, mk) in enumerate(zip(blocks, masks))])
         total = int(sum(nnz))
@@ -242,7 +242,7 @@ def _t_times_task(folder, sV, m, lo, hi):
 
 def times(pat: Pattern, W: np.ndarray) -> np.ndarray:
     """``X^T W`` (cells x K): row ``i`` is ``s_i sum_p B[i, p] w_p W[p]``."""
-    wW = _shared(np.ascontiguousarray(pat.w[:, None] * W))
+    wW = share(np.ascontiguousarray(pat.w[:, None] * W))
     s = pat.shared_s()
     parts = [delayed(_times_task)(str(pat.folder), s, wW, lo, hi) for lo, hi in pat.blocks()]
     return np.concatenate(dask.compute(*parts))
@@ -253,4 +253,4 @@ def t_times(pat: Pattern, V: np.ndarray) -> np.ndarray:
     sV = pat.s[:, None] * V
     parts = [delayed(_t_times_task)(str(pat.folder), np.ascontiguousarray(sV[lo:hi]), pat.m, lo, hi)
              for lo, hi in pat.blocks()]
-    return pat.w[:, None] * dask.compute(_tree_sum(parts))[0]
+    return pat.w[:, None] * dask.compute(tree_sum(parts))[0]

@@ -300,13 +300,12 @@ class SCALE:
         cell's input is about what it was; the decoder's reference depth). The cell filter's
         counts and the open peaks come from one pass."""
         from .. import ops
-        from ..pp._reduce import per_cell
-        from ..pp._views import view
-        from ..pp.filter import _cells_with_at_least, cell_mask, peak_mask
+        from ..blocks import per_cell, view
+        from ..pp.filter import cell_mask, cells_with_at_least, peak_mask
 
         cells, peaks = cell_mask(atlas), peak_mask(atlas)
         if self.preprocess:
-            hits = _cells_with_at_least(atlas, cells, self.min_reads)
+            hits = cells_with_at_least(atlas, cells, self.min_reads)
             peaks = peaks & (hits >= self.min_cells) & (hits > 0)
             if not peaks.any():
                 raise ValueError(f"no peak has >= {self.min_reads} reads in >= {self.min_cells} cells; "
@@ -328,11 +327,11 @@ class SCALE:
         return cells, peaks, median_open
 
     def _estimate_k(self, atlas: Atlas, cells, peaks) -> int:
-        from ..pp._views import view
-        from ..pp.tfidf import _binarize
+        from .. import ops
+        from ..blocks import view
         from ..tl.estimate_k import estimate_k
 
-        X = view(atlas.X, cells=cells, peaks=np.flatnonzero(peaks), fn=_binarize)
+        X = view(atlas.X, cells=cells, peaks=np.flatnonzero(peaks), fn=ops.binarize)
         k = int(estimate_k(X, seed=self.seed))
         return max(k, 2)
 

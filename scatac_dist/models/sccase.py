@@ -382,7 +382,7 @@ def nmf_init(pat: data.Pattern, K: int, *, seed: int = 0, nmf_cells: int = 20_00
     rows = np.sort(rng.choice(pat.n, nmf_cells, replace=False))
     nmf.fit(pattern_rows(pat, rows))
     Wt = nmf.components_
-    s, w, Wt_ = pat.shared_s(), data._shared(pat.w), data._shared(Wt)
+    s, w, Wt_ = pat.shared_s(), data.share(pat.w), data.share(Wt)
     parts = [delayed(_nnls_block)(str(pat.folder), s, w, pat.m, lo, hi, Wt_, max_iter, seed)
              for lo, hi in pat.blocks()]
     return Wt.T.copy(), np.concatenate(dask.compute(*parts)).T.copy()
@@ -420,13 +420,14 @@ def _topk_task(folder, m, lo_i, hi_i, lo_j, hi_j, k):
 def topk_jaccard(pat: data.Pattern, k: int) -> np.ndarray:
     """Each cell's ``k`` most Jaccard-similar other cells over the kept peaks (blockwise,
     with the kernels of :func:`scatac_dist.tl.jaccard`); ``O(n^2)`` work, ``O(n k)`` memory."""
-    from ..tl.jaccard import _tree_merge
+    from ..blocks import tree_reduce
+    from ..ops.jaccard import merge_topk_all
 
     blocks = pat.blocks()
     rows = []
     for lo_i, hi_i in blocks:
         parts = [delayed(_topk_task)(str(pat.folder), pat.m, lo_i, hi_i, lo_j, hi_j, k) for lo_j, hi_j in blocks]
-        rows.append(_tree_merge(parts, k))
+        rows.append(tree_reduce(parts, merge_topk_all, k=k))
     res = dask.compute(*rows)
     return np.concatenate([r[0] for r in res]).astype(np.int64)
 
@@ -454,12 +455,12 @@ def _dense_enhance(folder, s, w, m, Zcols, top, peaks):
 
 def enhanced_blocks(pat: data.Pattern, nbr: np.ndarray, Zv: np.ndarray, top: int | None) -> list:
     """Delayed CSR pieces of the enhanced matrix ``(X Z)^T``, one per block of cells."""
-    peaks = data._shared(pat.peaks)
+    peaks = data.share(pat.peaks)
     if nbr.shape[1] == pat.n and nbr.strides[0] == 0:   # exact mode: Zv is the dense Z^T
-        s, w = pat.shared_s(), data._shared(pat.w)
+        s, w = pat.shared_s(), data.share(pat.w)
         return [delayed(_dense_enhance)(str(pat.folder), s, w, pat.m, np.ascontiguousarray(Zv[lo:hi]), top,
                                         peaks) for lo, hi in pat.blocks()]
-    s, w = pat.shared_s(), data._shared(pat.w)
+    s, w = pat.shared_s(), data.share(pat.w)
     return [delayed(_enhance_task)(str(pat.folder), s, w, np.ascontiguousarray(nbr[lo:hi]),
                                    np.ascontiguousarray(Zv[lo:hi]), top, peaks) for lo, hi in pat.blocks()]
 
@@ -470,16 +471,12 @@ def _tf(block, cols):
     return sp.csr_matrix(sp.diags(np.where(tot > 0, 1 / np.where(tot > 0, tot, 1), 0)) @ b)
 
 
-def _tfidf_block(block, cells, cols, idf):
-    return sp.csr_matrix(_tf(sp.csr_matrix(block)[np.asarray(cells, bool)], cols) @ sp.diags(idf)).astype(np.float32)
-
-
 def enhanced_pca(atlas: Atlas, pat: data.Pattern, n_pcs: int = 50, *, seed: int = 0,
                  dense_max: int = 200_000_000, norm: str = "l2") -> np.ndarray:
     """TF-IDF of ``layers['sccase']`` (module docstring; each cell then scaled to unit L2 norm
     with ``norm='l2'``, as for ``X``), then ``n_pcs`` principal components of the used cells."""
-    from ..pp._views import view
-    from ..tl._linalg import randomized_svd
+    from ..blocks import view
+    from ..tl.linalg import randomized_svd
 
     L = read_csr_layer(atlas, "sccase")
     cells = np.zeros(atlas.n_obs, bool)

@@ -377,9 +377,9 @@ class SCEMBED:
         atlas.write_obsm(key_added, E)
         atlas.write_obs({"scembed_n_regions": n_regions})
         if umap and getattr(self, "umap_model_", None) is not None:
-            from ..tl.graph import _transform_in_parallel
+            from ..blocks import transform_in_parallel
 
-            atlas.write_obsm(f"{key_added}_umap", _transform_in_parallel(self.umap_model_, E).astype(np.float32))
+            atlas.write_obsm(f"{key_added}_umap", transform_in_parallel(self.umap_model_, E).astype(np.float32))
         if record:
             atlas.record("scembed_encode", {"key_added": key_added, "umap": umap},
                          {"total": time.perf_counter() - t0}, projection=report)
@@ -467,7 +467,7 @@ class SCEMBED:
         ``umap.pkl``). Built aside and swapped in whole."""
         import faiss
 
-        from ..store import _replace_dir
+        from ..store import replace_dir
 
         self._fitted()
         folder = Path(folder).absolute()
@@ -495,7 +495,7 @@ class SCEMBED:
                     with open(ref / "umap.pkl", "wb") as fh:
                         pickle.dump(self.umap_model_, fh)
                     np.save(ref / "umap_embedding.npy", self.reference_umap_)
-            _replace_dir(tmp, folder)
+            replace_dir(tmp, folder)
         finally:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -1,7 +1,7 @@
 """The one sparse kernel of the eigen-solvers: ``Y = X T - C`` and ``P = X^T Y`` for a CSR
 block in one task.
 
-The eigen-solvers on ``X X^T`` (:mod:`scatac_dist.tl._linalg`, :mod:`scatac_dist.tl._lobpcg`) need both
+The eigen-solvers on ``X X^T`` (:mod:`scatac_dist.tl.linalg`, :mod:`scatac_dist.tl.lobpcg`) need both
 products of every block once per iteration. The products are memory-bound: each stored
 value touches a row of ``T`` or ``P`` (m x ~50). The kernel walks the block in bands of
 columns small enough that the band's rows of ``T`` and ``P`` stay in cache, which SciPy's

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 
-__all__ = ["jaccard_dense", "topk_rows", "merge_topk", "block_topk"]
+__all__ = ["jaccard_dense", "topk_rows", "merge_topk", "merge_topk_all", "block_topk"]
 
 
 def _binary(X) -> sp.csr_matrix:
@@ -48,6 +48,14 @@ def merge_topk(a: tuple[np.ndarray, np.ndarray], b: tuple[np.ndarray, np.ndarray
     val = np.concatenate([a[1], b[1]], axis=1)
     order = np.argsort(-val, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(idx, order, axis=1), np.take_along_axis(val, order, axis=1)
+
+
+def merge_topk_all(parts: list, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`merge_topk` over a list of top-k lists, left to right."""
+    out = parts[0]
+    for p in parts[1:]:
+        out = merge_topk(out, p, k)
+    return out
 
 
 def block_topk(BI, BJ, k: int, offset_i: int, offset_j: int, sub_rows: int = 1000):

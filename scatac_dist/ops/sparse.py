@@ -7,6 +7,13 @@ import numpy as np
 import scipy.sparse as sp
 
 
+def binarize(block: sp.csr_matrix) -> sp.csr_matrix:
+    """A float32 copy of ``block`` with every stored value > 0 set to 1 (0 stays 0)."""
+    b = block.copy()
+    b.data = (b.data > 0).astype(np.float32)
+    return b
+
+
 def row_counts(block: sp.csr_matrix) -> np.ndarray:
     """Total counts per row, int64."""
     # cumsum differences handle empty rows, which reduceat does not

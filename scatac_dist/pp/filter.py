@@ -1,7 +1,7 @@
 """Cell and peak filters. They write boolean masks, never a filtered copy of the counts.
 
 Masks: ``obs['pass_qc']`` (cells) and ``var['pass_qc']`` (peaks). Downstream steps read
-them through :func:`scatac_dist.pp._views.view`.
+them through :func:`scatac_dist.blocks.view`.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ import dask
 import numpy as np
 
 from .. import ops
+from ..blocks import per_cell, per_peak, view
 from ..store import Atlas
-from ._reduce import per_peak
-from ._views import view
 from .qc import calculate_qc_metrics
 
 logger = logging.getLogger("scatac_dist")
@@ -88,7 +87,7 @@ def _write_peaks(atlas, keep, stage, params, t0) -> dict:
     return res
 
 
-def _cells_with_at_least(atlas: Atlas, cells: np.ndarray, min_reads: int) -> np.ndarray:
+def cells_with_at_least(atlas: Atlas, cells: np.ndarray, min_reads: int) -> np.ndarray:
     """Per peak, the number of kept cells with at least ``min_reads`` reads (one pass)."""
     X = view(atlas.X, cells=cells)
     return dask.compute(per_peak(X, ops.col_nnz_ge, min_reads=min_reads))[0]
@@ -105,7 +104,7 @@ def filter_peaks(atlas: Atlas, *, min_cells: int | None = None, max_cells: int |
     t0 = time.perf_counter()
     cells = cell_mask(atlas)
     n = int(cells.sum())
-    hits = _cells_with_at_least(atlas, cells, min_reads)
+    hits = cells_with_at_least(atlas, cells, min_reads)
     lo = max(v for v in (min_cells, None if min_cell_fraction is None else np.ceil(min_cell_fraction * n), 0)
              if v is not None)
     hi_opts = [v for v in (max_cells, None if max_cell_fraction is None else np.floor(max_cell_fraction * n))
@@ -139,8 +138,6 @@ def filter_scale(atlas: Atlas, *, min_cells: int = 5, min_reads: int = 2, rare_u
     n_peaks = out["peaks_kept"]
     peaks = np.flatnonzero(peak_mask(atlas))
     X = view(atlas.X, peaks=peaks)
-    from ._reduce import per_cell
-
     counts = dask.compute(per_cell(X, ops.row_counts))[0]
     keep = (counts >= n_peaks / 50) & cell_mask(atlas)
     res = {"peaks": out, "cells": _write_cells(atlas, keep, "filter_scale_cells",
@@ -148,8 +145,8 @@ def filter_scale(atlas: Atlas, *, min_cells: int = 5, min_reads: int = 2, rare_u
     if rare_ubiquitous:
         cells = cell_mask(atlas)
         n = int(cells.sum())
-        rare = _cells_with_at_least(atlas, cells, 3) < rare_ubiquitous / 100 * n
-        ubiq = _cells_with_at_least(atlas, cells, 1) >= (100 - rare_ubiquitous) / 100 * n
+        rare = cells_with_at_least(atlas, cells, 3) < rare_ubiquitous / 100 * n
+        ubiq = cells_with_at_least(atlas, cells, 1) >= (100 - rare_ubiquitous) / 100 * n
         keep_p = peak_mask(atlas) & ~rare & ~ubiq
         res["rare_ubiquitous"] = _write_peaks(atlas, keep_p, "filter_scale_rare_ubiquitous",
                                               {"percent": rare_ubiquitous}, t0)

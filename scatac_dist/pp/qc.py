@@ -9,8 +9,8 @@ import dask
 import numpy as np
 
 from .. import ops
+from ..blocks import per_cell, per_peak
 from ..store import Atlas
-from ._reduce import per_cell, per_peak
 
 logger = logging.getLogger("scatac_dist")
 

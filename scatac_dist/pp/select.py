@@ -9,10 +9,9 @@ import dask
 import numpy as np
 
 from .. import ops
+from ..blocks import per_peak, view
 from ..ops.select import episcanpy_variability, snapatac2_quantile, top_accessible
 from ..store import Atlas
-from ._reduce import per_peak
-from ._views import view
 from .filter import cell_mask, peak_mask
 
 logger = logging.getLogger("scatac_dist")

@@ -14,10 +14,9 @@ import dask.array as da
 import numpy as np
 
 from .. import ops
+from ..blocks import per_peak, view
 from ..ops.tfidf import check_method, idf_from_counts, tfidf_block
 from ..store import Atlas
-from ._reduce import per_peak
-from ._views import view
 from .filter import cell_mask
 
 __all__ = ["tfidf", "tfidf_view", "selected_peaks", "binarized_view"]
@@ -32,20 +31,14 @@ def selected_peaks(atlas: Atlas) -> np.ndarray:
     return np.arange(atlas.n_vars)
 
 
-def _binarize(block):
-    b = block.copy()
-    b.data = (b.data > 0).astype(np.float32)
-    return b
-
-
 def binarized_view(atlas: Atlas) -> da.Array:
     """0/1 matrix of kept cells x selected peaks (lazy)."""
-    return view(atlas.X, cells=cell_mask(atlas), peaks=selected_peaks(atlas), fn=_binarize)
+    return view(atlas.X, cells=cell_mask(atlas), peaks=selected_peaks(atlas), fn=ops.binarize)
 
 
 def _binarized_tfidf(block, idf, method, scale_factor, binarize):
     if binarize:
-        block = _binarize(block)
+        block = ops.binarize(block)
     return tfidf_block(block, idf, method, scale_factor)
 
 

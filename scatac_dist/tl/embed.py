@@ -1,6 +1,6 @@
 """Cell embeddings: LSI (TF-IDF + randomized SVD) and matrix-free spectral embedding.
 
-Both run as block products over lazy views of the store (:mod:`scatac_dist.tl._linalg`):
+Both run as block products over lazy views of the store (:mod:`scatac_dist.tl.linalg`):
 memory is O(n_cells x k + n_peaks x k), never n_cells x n_peaks or n_cells x n_cells.
 Cells outside ``obs['pass_qc']`` get NaN rows.
 """
@@ -13,13 +13,13 @@ import time
 import dask.array as da
 import numpy as np
 
+from ..blocks import cache_fits, small_array, view
 from ..ops.gram import cosine_rows
-from ..pp._views import view
 from ..pp.filter import cell_mask
 from ..pp.tfidf import binarized_view, selected_peaks, tfidf, tfidf_view
 from ..store import Atlas
-from ._linalg import cache_fits, col_sums, randomized_svd, small_array
-from ._lobpcg import lobpcg_eigs
+from .linalg import col_sums, randomized_svd
+from .lobpcg import lobpcg_eigs
 
 logger = logging.getLogger("scatac_dist")
 
@@ -93,7 +93,7 @@ def spectral(atlas: Atlas, *, n_comps: int = 30, weighted_by_sd: bool = True, ke
     scaled to unit length, so ``S = X X^T`` is their cosine similarity. SnapATAC2 zeroes the
     diagonal of ``S``; with degrees ``d = S 1 - 1`` the embedding is the leading eigenvectors
     of ``D^-1/2 (S - I) D^-1/2 = A A^T - D^-1`` with ``A = D^-1/2 X``, found by block LOBPCG
-    (:func:`scatac_dist.tl._lobpcg.lobpcg_eigs`) without forming ``S``: one pass over the
+    (:func:`scatac_dist.tl.lobpcg.lobpcg_eigs`) without forming ``S``: one pass over the
     store per iteration, at most ``n_iter`` iterations with a block of
     ``n_comps + 1 + n_oversamples`` vectors. The first, trivial eigenvector is dropped; with
     ``weighted_by_sd`` the rest are scaled by the square root of their eigenvalues

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ..blocks import transform_in_parallel
 from ..store import Atlas
 
 logger = logging.getLogger("scatac_dist")
@@ -228,24 +229,6 @@ def kmeans(atlas: Atlas, n_clusters: int, *, use_rep: str = "X_spectral", n_init
     return {"n_clusters": n_clusters, "backend": backend}
 
 
-def _transform_in_parallel(model, E: np.ndarray, rows: int = 50_000) -> np.ndarray:
-    """``model.transform(E)`` in row blocks on the Dask workers (in this process without a
-    cluster). The model travels to each worker once."""
-    try:
-        from distributed import default_client
-
-        client = default_client()
-    except ValueError:
-        return model.transform(E)
-    fut = client.scatter(model, broadcast=False, hash=False)
-    parts = [client.submit(_umap_transform, fut, E[a:a + rows], pure=False) for a in range(0, E.shape[0], rows)]
-    return np.concatenate(client.gather(parts))
-
-
-def _umap_transform(model, E):
-    return model.transform(E)
-
-
 def umap(atlas: Atlas, *, use_rep: str = "X_spectral", n_neighbors: int = 15, min_dist: float = 0.5,
          seed: int = 0, fit_max_cells: int = 100_000) -> dict:
     """2-D UMAP (umap-learn). Above ``fit_max_cells`` it is fitted on a seeded sample and
@@ -261,7 +244,7 @@ def umap(atlas: Atlas, *, use_rep: str = "X_spectral", n_neighbors: int = 15, mi
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(E.shape[0], fit_max_cells, replace=False))
         model.fit(E[sample])
-        Y = _transform_in_parallel(model, E)
+        Y = transform_in_parallel(model, E)
         Y[sample] = model.embedding_
     out = np.full((atlas.n_obs, 2), np.nan, dtype=np.float32)
     out[ok] = Y

@@ -19,11 +19,11 @@ import numpy as np
 import scipy.sparse as sp
 from dask import delayed
 
-from ..ops.jaccard import block_topk, jaccard_dense, merge_topk
+from ..blocks import cache_fits, tree_reduce
+from ..ops.jaccard import block_topk, jaccard_dense, merge_topk_all
 from ..pp.filter import cell_mask
 from ..pp.tfidf import binarized_view
 from ..store import Atlas
-from ._linalg import cache_fits
 
 logger = logging.getLogger("scatac_dist")
 
@@ -31,19 +31,6 @@ __all__ = ["jaccard"]
 
 #: above this many cells the exact mode refuses (its n x n float64 matrix would be > 3 GB)
 EXACT_MAX_CELLS = 20_000
-
-
-def _merge_list(parts: list, k: int):
-    out = parts[0]
-    for p in parts[1:]:
-        out = merge_topk(out, p, k)
-    return out
-
-
-def _tree_merge(parts: list, k: int, split_every: int = 8):
-    while len(parts) > 1:
-        parts = [delayed(_merge_list)(parts[i:i + split_every], k) for i in range(0, len(parts), split_every)]
-    return parts[0]
 
 
 def jaccard(atlas: Atlas, k: int | None = 30, *, sub_rows: int = 1000, key_added: str = "jaccard"):
@@ -86,7 +73,7 @@ def jaccard(atlas: Atlas, k: int | None = 30, *, sub_rows: int = 1000, key_added
             continue
         parts = [delayed(block_topk)(bi, bj, k, int(offs[i]), int(offs[j]), sub_rows)
                  for j, bj in enumerate(blocks) if B.chunks[0][j] > 0]
-        rows.append((i, _tree_merge(parts, k)))
+        rows.append((i, tree_reduce(parts, merge_topk_all, k=k)))
     results = dask.compute(*[r for _, r in rows])
     idx = np.concatenate([r[0] for r in results])
     val = np.concatenate([r[1] for r in results])

@@ -1,7 +1,9 @@
-"""Reductions over a dask array of CSR row blocks.
+"""Reductions over a dask array of CSR row blocks, and fixed-shape tree reductions.
 
 Dask's own ``sum``/``mean`` do not work on scipy CSR chunks (GUIDE section 4), so each
 reduction is a per-block kernel from :mod:`scatac_dist.ops` followed by a dense tree sum.
+The trees have a shape fixed by the number of parts, so results do not depend on the number
+of workers or on which task finishes first.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from collections.abc import Callable
 
 import dask.array as da
 import numpy as np
+
+__all__ = ["per_cell", "per_peak", "tree_reduce", "tree_sum"]
 
 
 def _row_of(block, kernel, kw):
@@ -30,3 +34,26 @@ def per_peak(X: da.Array, kernel: Callable, dtype=np.int64, split_every: int = 8
     parts = X.map_blocks(_row_of, kernel, kw, chunks=((1,) * X.numblocks[0], (X.shape[1],)),
                          dtype=dtype, meta=np.empty((0, 0), dtype))
     return parts.sum(axis=0, split_every=split_every)
+
+
+def tree_reduce(parts: list, combine: Callable, split_every: int = 8, **kw):
+    """Combine delayed values in a fixed tree: ``combine(list_of_values, **kw)`` on groups of
+    ``split_every``, level by level, until one delayed value is left."""
+    from dask import delayed
+
+    while len(parts) > 1:
+        parts = [delayed(combine)(parts[i:i + split_every], **kw) for i in range(0, len(parts), split_every)]
+    return parts[0]
+
+
+def _sum_list(xs):
+    out = xs[0].copy()
+    for x in xs[1:]:
+        out += x
+    return out
+
+
+def tree_sum(parts: list, split_every: int = 8):
+    """Sum delayed arrays in a fixed tree: the order of additions depends only on the number
+    of parts, never on which worker finishes first."""
+    return tree_reduce(parts, _sum_list, split_every)

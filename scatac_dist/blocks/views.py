@@ -13,11 +13,9 @@ import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 
+from .share import small_array
 
-def _one_chunk(a: np.ndarray) -> da.Array:
-    from ..tl._linalg import small_array
-
-    return small_array(a)
+__all__ = ["view"]
 
 
 def _apply(block, keep, cols, fn, names, *values):
@@ -58,10 +56,10 @@ def view(X: da.Array, *, cells: np.ndarray | None = None, peaks: np.ndarray | No
     n_cols = X.shape[1] if peaks is None else len(peaks)
     args = [X, "ij"]
     args += [keep, "i"] if keep is not None else [None, None]
-    args += [_one_chunk(np.asarray(peaks, np.int64)), None] if peaks is not None else [None, None]
+    args += [small_array(np.asarray(peaks, np.int64)), None] if peaks is not None else [None, None]
     names = tuple(arrays)
     for v in arrays.values():
-        args += [_one_chunk(v) if isinstance(v, np.ndarray) else v, None]
+        args += [small_array(v) if isinstance(v, np.ndarray) else v, None]
     out = da.blockwise(
         _apply, "ij", *args[:6], fn, None, names, None, *args[6:],
         dtype=dtype, concatenate=True, adjust_chunks={"i": new_rows, "j": (n_cols,)},

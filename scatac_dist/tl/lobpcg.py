@@ -1,7 +1,7 @@
 """Leading eigenpairs of ``M = A A^T - diag(d)`` by block LOBPCG, one pass over ``A`` per
 iteration.
 
-Why not subspace iteration (:func:`scatac_dist.tl._linalg.subspace_eigs`): its error falls
+Why not subspace iteration (:func:`scatac_dist.tl.linalg.subspace_eigs`): its error falls
 like ``(lambda_{nv+1} / lambda_j)^iter``, and the spectrum of a cosine-similarity graph on
 real data has a bulk of nearly equal eigenvalues right after the few cluster ones (SNARE-seq
 cortex: 0.0448, 0.0442, 0.0432, ... 0.0409 for eigenvalues 8-30). Twenty iterations of
@@ -19,7 +19,7 @@ the Gram matrices ``S^T S`` and ``S^T M S`` of ``S = [X R P]``; the client solve
 3nv x 3nv Rayleigh-Ritz problem, and the next task applies its coefficients to its slice.
 Only m x nv and nv x nv matrices cross the network.
 
-Sums over row blocks run in a fixed tree (:func:`scatac_dist.tl._linalg._tree_sum`), so the
+Sums over row blocks run in a fixed tree (:func:`scatac_dist.blocks.tree_sum`), so the
 result does not depend on the number of workers.
 """
 
@@ -31,8 +31,8 @@ import dask
 import dask.array as da
 import numpy as np
 
+from ..blocks import share, tree_sum
 from ..ops.gram import gram_pass
-from ._linalg import _shared, _tree_sum
 
 logger = logging.getLogger("scatac_dist")
 
@@ -133,7 +133,7 @@ def lobpcg_eigs(A: da.Array, k: int, *, diag: np.ndarray | None = None, n_oversa
         Seed of the random start ``A Omega``.
     cache
         Keep the computed blocks of ``A`` on the workers for the solve (see
-        :func:`scatac_dist.tl._linalg.cache_fits`) rather than re-read them every pass.
+        :func:`scatac_dist.blocks.cache_fits`) rather than re-read them every pass.
 
     Returns
     -------
@@ -146,27 +146,27 @@ def lobpcg_eigs(A: da.Array, k: int, *, diag: np.ndarray | None = None, n_oversa
         raise ValueError(f"asked for {k} eigenpairs of an {n} x {n} operator")
     bounds = np.concatenate([[0], np.cumsum(A.chunks[0])]).astype(int)
     dvec = np.zeros(n) if diag is None else np.asarray(diag, np.float64)
-    ds = [_shared(dvec[a:b, None].astype(np.float32)) for a, b in zip(bounds[:-1], bounds[1:])]
+    ds = [share(dvec[a:b, None].astype(np.float32)) for a, b in zip(bounds[:-1], bounds[1:])]
     if cache:
         A = A.persist()
     blocks = A.to_delayed().ravel()
     delayed = dask.delayed
 
-    omega = _shared(np.random.default_rng(seed).standard_normal((m, nv)).astype(np.float32))
+    omega = share(np.random.default_rng(seed).standard_normal((m, nv)).astype(np.float32))
     steps = [delayed(_range_step, nout=2)(b, omega) for b in blocks]
     states = [s[0] for s in steps]
-    states, AtR = dask.persist(states, _tree_sum([s[1] for s in steps]))
+    states, AtR = dask.persist(states, tree_sum([s[1] for s in steps]))
     AtR = AtR.compute()
     # A^T images of X, M X, P, M P; None until the first Rayleigh-Ritz solve
     AtX = AtMX = AtP = AtMP = None
     C, nx_prev, theta = None, 0, np.zeros(0)
     for it in range(n_iter + 1):
-        C_d, theta_d = (_shared(C) if C is not None else None), _shared(theta)
-        AtR_d = _shared(AtR.astype(np.float32))
+        C_d, theta_d = (share(C) if C is not None else None), share(theta)
+        AtR_d = share(AtR.astype(np.float32))
         steps = [delayed(_lobpcg_step, nout=4)(b, st, C_d, nx_prev, theta_d, AtR_d, d)
                  for b, st, d in zip(blocks, states, ds)]
         states = [s[0] for s in steps]
-        states, AtMR, GB, GA = dask.persist(states, *(_tree_sum([s[i] for s in steps]) for i in (1, 2, 3)))
+        states, AtMR, GB, GA = dask.persist(states, *(tree_sum([s[i] for s in steps]) for i in (1, 2, 3)))
         AtMR, GB, GA = dask.compute(AtMR, GB, GA)
         # the basis just formed is S = [X R P]; X has nx columns (none before the first solve)
         nx = 0 if AtX is None else AtX.shape[1]
@@ -182,7 +182,7 @@ def lobpcg_eigs(A: da.Array, k: int, *, diag: np.ndarray | None = None, n_oversa
         nx_prev = nx
     # a last Rayleigh-Ritz over the final basis; its X is the answer
     theta, C, AtX, *_ = _solve(GB, GA, nv, nx, (AtX, AtR, AtP), (AtMX, AtMR, AtMP))
-    C_d = _shared(C)
+    C_d = share(C)
     V = np.concatenate(dask.compute(*[delayed(_ritz_vectors)(st, C_d, k) for st in states]))
     signs = np.sign(V[np.abs(V).argmax(axis=0), np.arange(k)])
     signs[signs == 0] = 1

@@ -14,31 +14,10 @@ import dask
 import dask.array as da
 import numpy as np
 
+from ..blocks import share, small_array, tree_sum
 from ..ops.gram import gram_pass
 
 logger = logging.getLogger("scatac_dist")
-
-
-def small_array(a: np.ndarray) -> da.Array:
-    """A one-chunk dask array of ``a``. Beyond 1 MB it is shared first (:func:`_shared`), so
-    graphs carry a reference rather than the data."""
-    a = np.asarray(a)
-    if a.nbytes > 1_000_000:
-        return da.from_delayed(_shared(a), shape=a.shape, dtype=a.dtype)
-    return da.from_array(a, chunks=a.shape or (1,), name=False)
-
-
-def _shared(a: np.ndarray):
-    """``a`` as one object that many tasks refer to: a scattered future on a distributed
-    cluster, a single delayed key otherwise (never a copy per task)."""
-    from dask import delayed
-
-    try:
-        from distributed import default_client
-
-        return default_client().scatter(a, broadcast=False, hash=False)
-    except ValueError:
-        return delayed(a, pure=False)
 
 
 def _times(block, w):
@@ -81,23 +60,6 @@ def randomized_svd(A: da.Array, k: int, *, n_oversamples: int = 20, n_iter: int 
     return U, s, Vt
 
 
-def _tree_sum(parts: list, split_every: int = 8):
-    """Sum delayed arrays in a fixed tree: the order of additions depends only on the number
-    of parts, never on which worker finishes first."""
-    from dask import delayed
-
-    while len(parts) > 1:
-        parts = [delayed(_sum_list)(parts[i:i + split_every]) for i in range(0, len(parts), split_every)]
-    return parts[0]
-
-
-def _sum_list(xs):
-    out = xs[0].copy()
-    for x in xs[1:]:
-        out += x
-    return out
-
-
 def _gram_step(block, T, Y_prev, Rinv, d):
     """One pass over one row block of ``A``: ``Y = A T - d * Q`` with ``Q = Y_prev Rinv``,
     plus this block's share of ``A^T Y``, ``Y^T Y`` and ``Y^T diag(d) Y`` (float64)."""
@@ -114,23 +76,6 @@ def _orthonormalizer(G: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
     lam, V = np.linalg.eigh((G + G.T) / 2)
     keep = lam > rtol * max(lam.max(), 0.0)
     return V[:, keep] / np.sqrt(lam[keep])
-
-
-def cache_fits(nnz: int) -> bool:
-    """Whether a float32 CSR view with ``nnz`` stored values fits the cache budget
-    (``scatac-dist.linalg.cache-bytes-per-worker`` times the number of workers)."""
-    from dask.utils import parse_bytes
-
-    from .._config import get
-
-    budget = parse_bytes(get("linalg.cache-bytes-per-worker", "2GiB"))
-    try:
-        from distributed import default_client
-
-        n_workers = max(len(default_client().scheduler_info()["workers"]), 1)
-    except ValueError:
-        n_workers = 1
-    return nnz * 8 <= budget * n_workers
 
 
 def subspace_eigs(A: da.Array, k: int, *, diag: np.ndarray | None = None, n_oversamples: int = 20,
@@ -161,17 +106,17 @@ def subspace_eigs(A: da.Array, k: int, *, diag: np.ndarray | None = None, n_over
     shift = float(diag.max()) if diag is not None and diag.size else 0.0
     dvec = (np.zeros(n) if diag is None else np.asarray(diag, np.float64)) - shift
     # shared once: sent with every iteration's graph they cost ~10 MiB per pass at 1M cells
-    ds = [_shared(dvec[a:b, None]) for a, b in zip(bounds[:-1], bounds[1:])]
+    ds = [share(dvec[a:b, None]) for a, b in zip(bounds[:-1], bounds[1:])]
     if cache:
         A = A.persist()
     blocks = A.to_delayed().ravel()
     T = np.random.default_rng(seed).standard_normal((m, nv))
     Ys, Rinv = [None] * len(blocks), None
     for it in range(n_iter + 1):
-        T_d, Rinv_d = _shared(T), (_shared(Rinv) if Rinv is not None else None)
+        T_d, Rinv_d = share(T), (share(Rinv) if Rinv is not None else None)
         steps = [delayed(_gram_step, nout=4)(b, T_d, y, Rinv_d, d) for b, y, d in zip(blocks, Ys, ds)]
         Ys = [s[0] for s in steps]
-        P, G, E = _tree_sum([s[1] for s in steps]), _tree_sum([s[2] for s in steps]), _tree_sum([s[3] for s in steps])
+        P, G, E = tree_sum([s[1] for s in steps]), tree_sum([s[2] for s in steps]), tree_sum([s[3] for s in steps])
         Ys, P, G, E = dask.persist(Ys, P, G, E)
         P, G, E = dask.compute(P, G, E)
         Rinv = _orthonormalizer(G)

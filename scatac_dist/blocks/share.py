@@ -1,0 +1,48 @@
+"""Small arrays that many tasks of a graph read, sent once instead of once per task, and the
+budget for keeping transformed blocks on the workers."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+
+__all__ = ["share", "small_array", "cache_fits"]
+
+
+def share(a: np.ndarray):
+    """``a`` as one object that many tasks refer to: a scattered future on a distributed
+    cluster, a single delayed key otherwise (never a copy per task)."""
+    from dask import delayed
+
+    try:
+        from distributed import default_client
+
+        return default_client().scatter(a, broadcast=False, hash=False)
+    except ValueError:
+        return delayed(a, pure=False)
+
+
+def small_array(a: np.ndarray) -> da.Array:
+    """A one-chunk dask array of ``a``. Beyond 1 MB it is shared first (:func:`share`), so
+    graphs carry a reference rather than the data."""
+    a = np.asarray(a)
+    if a.nbytes > 1_000_000:
+        return da.from_delayed(share(a), shape=a.shape, dtype=a.dtype)
+    return da.from_array(a, chunks=a.shape or (1,), name=False)
+
+
+def cache_fits(nnz: int) -> bool:
+    """Whether a float32 CSR view with ``nnz`` stored values fits the cache budget
+    (``scatac-dist.linalg.cache-bytes-per-worker`` times the number of workers)."""
+    from dask.utils import parse_bytes
+
+    from .._config import get
+
+    budget = parse_bytes(get("linalg.cache-bytes-per-worker", "2GiB"))
+    try:
+        from distributed import default_client
+
+        n_workers = max(len(default_client().scheduler_info()["workers"]), 1)
+    except ValueError:
+        n_workers = 1
+    return nnz * 8 <= budget * n_workers
