@@ -12,7 +12,8 @@ Memory is the peak resident set of the whole process tree (client, scheduler, na
 workers), sampled every 0.1 s with psutil, plus the largest single process. A run whose
 tree passes ``--mem-guard`` GiB is stopped and reported as such (the machine has 24 GiB).
 
-Writes ``benchmarks/results/ingest.json`` and ``benchmarks/results/ingest.png``.
+Writes ``benchmarks/results/ingest.json`` and ``benchmarks/results/ingest.png``
+(``--report-only`` redraws the plot from the JSON).
 
 Usage::
 
@@ -23,21 +24,24 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import psutil
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
-WORK = HERE / "work"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import RESULTS, WORK, plots
+from harness.memory import GIB as GiB
+from harness.procs import run_measured
+from harness.results import ResultsFile
+from harness.stores import disk_bytes, ensure_atlas
+from harness.timing import Timer
+
 BIN = Path(sys.executable).parent
-GiB = 2**30
+RESULTS_FILE = ResultsFile(RESULTS / "ingest.json", indent=2)
 
 NAIVE_MTX = """
 import sys, scipy.io, anndata as ad, pandas as pd
@@ -62,70 +66,34 @@ ad.AnnData(X=X, obs=obs, var=var).write_zarr(out)
 """
 
 
-def run_measured(cmd: list[str], mem_guard: float, log: Path) -> dict:
-    """Run ``cmd``; sample the RSS of its process tree; stop it past ``mem_guard`` GiB."""
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
-    peak_total, peak_single, killed = 0, 0, False
-    root = psutil.Process(proc.pid)
-    while proc.poll() is None:
-        try:
-            procs = [root, *root.children(recursive=True)]
-            rss = []
-            for p in procs:
-                try:
-                    rss.append(p.memory_info().rss)
-                except psutil.Error:
-                    pass
-            peak_total = max(peak_total, sum(rss))
-            peak_single = max(peak_single, max(rss, default=0))
-            if sum(rss) > mem_guard * GiB:
-                killed = True
-                for p in reversed(procs):
-                    try:
-                        p.kill()
-                    except psutil.Error:
-                        pass
-        except psutil.Error:
-            pass
-        time.sleep(0.1)
-    wall = time.perf_counter() - t0
-    return {"wall_s": wall, "peak_rss_total_gib": peak_total / GiB, "peak_rss_single_gib": peak_single / GiB,
-            "returncode": proc.returncode, "stopped_by_mem_guard": killed, "log": str(log)}
-
-
-def dir_size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def measure(cmd: list[str], mem_guard: float, log: Path) -> dict:
+    """Run ``cmd``; sample the RSS of its process tree every 0.1 s; stop it past ``mem_guard`` GiB."""
+    m = run_measured(cmd, log=log, interval=0.1, max_rss_bytes=mem_guard * GiB)
+    return {"wall_s": m.wall_s, "peak_rss_total_gib": m.peak_rss_tree / GiB,
+            "peak_rss_single_gib": m.peak_rss_max_process / GiB, "returncode": m.returncode,
+            "stopped_by_mem_guard": m.stopped == "memory", "log": str(log)}
 
 
 def prepare(kind: str, n_cells: int, n_peaks: int, client) -> tuple[Path, int]:
     """A synthetic input of ``n_cells`` in the format ``kind`` (cached under benchmarks/work)."""
-    from scatac_dist.datasets import SynthParams, synthesize
     from scatac_dist.io.export import export_10x_h5, export_10x_mtx
     from scatac_dist.store import open_atlas
 
-    store = WORK / f"syn_{n_cells}.zarr"
-    if not store.exists():
-        t = time.perf_counter()
-        synthesize(store, SynthParams(n_cells=n_cells, n_peaks=n_peaks, seed=0), client=client)
-        print(f"  generated {n_cells} cells in {time.perf_counter() - t:.0f} s", flush=True)
+    store = ensure_atlas(n_cells, WORK, n_peaks=n_peaks, name=f"syn_{n_cells}.zarr", client=client)
     atlas = open_atlas(store)
     if kind == "10x-mtx":
         path = WORK / f"mtx_{n_cells}" / "filtered_peak_bc_matrix"
         if not (path / "matrix.mtx.gz").exists():
-            t = time.perf_counter()
-            export_10x_mtx(atlas, path, compresslevel=1, progress=True)
-            print(f"  exported mtx in {time.perf_counter() - t:.0f} s", flush=True)
+            with Timer() as t:
+                export_10x_mtx(atlas, path, compresslevel=1, progress=True)
+            print(f"  exported mtx in {t.seconds:.0f} s", flush=True)
     else:
         path = WORK / f"h5_{n_cells}" / "filtered_peak_bc_matrix.h5"
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
-            t = time.perf_counter()
-            export_10x_h5(atlas, path, compression="gzip", progress=True)
-            print(f"  exported h5 in {time.perf_counter() - t:.0f} s", flush=True)
+            with Timer() as t:
+                export_10x_h5(atlas, path, compression="gzip", progress=True)
+            print(f"  exported h5 in {t.seconds:.0f} s", flush=True)
     return path, atlas.nnz
 
 
@@ -133,7 +101,7 @@ def bench_one(kind: str, n_cells: int, args, client, results: list) -> None:
     print(f"== {kind}, {n_cells} cells", flush=True)
     src, nnz = prepare(kind, n_cells, args.peaks, client)
     rec = {"format": kind, "n_cells": n_cells, "n_peaks": args.peaks, "nnz": nnz,
-           "input_bytes": dir_size(src.parent if kind == "10x-mtx" else src)}
+           "input_bytes": disk_bytes(src.parent if kind == "10x-mtx" else src)}
     out = WORK / f"out_{kind}_{n_cells}.zarr"
     for route in ("ours", "naive"):
         shutil.rmtree(out, ignore_errors=True)
@@ -143,7 +111,7 @@ def bench_one(kind: str, n_cells: int, args, client, results: list) -> None:
         else:
             script = NAIVE_MTX if kind == "10x-mtx" else NAIVE_H5
             cmd = [sys.executable, "-c", script, str(src), str(out)]
-        r = run_measured(cmd, args.mem_guard, WORK / f"log_{route}_{kind}_{n_cells}.txt")
+        r = measure(cmd, args.mem_guard, WORK / f"log_{route}_{kind}_{n_cells}.txt")
         ok = r["returncode"] == 0 and out.exists()
         r["ok"] = ok
         r["nnz_per_s"] = nnz / r["wall_s"] if ok else None
@@ -160,11 +128,7 @@ def bench_one(kind: str, n_cells: int, args, client, results: list) -> None:
 
 
 def plot(results: list, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), constrained_layout=True)
     for kind, marker in (("10x-mtx", "o"), ("10x-h5", "s")):
         rows = sorted((r for r in results if r["format"] == kind), key=lambda r: r["nnz"])
@@ -188,7 +152,7 @@ def plot(results: list, path: Path) -> None:
                 xscale="log")
     for ax in axes:
         ax.legend(fontsize=8)
-    fig.savefig(path, dpi=110)
+    plots.save(fig, path, dpi=110)
 
 
 def main() -> None:
@@ -201,11 +165,14 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--mem-guard", type=float, default=18.0, help="GiB; stop a run whose tree passes it")
     ap.add_argument("--keep-inputs", action="store_true", help="keep generated inputs in benchmarks/work")
+    ap.add_argument("--report-only", action="store_true", help="redraw ingest.png from ingest.json")
     args = ap.parse_args()
+    if args.report_only:
+        plot(RESULTS_FILE.load()["results"], RESULTS / "ingest.png")
+        return
 
     from scatac_dist.cluster import get_client
 
-    RESULTS.mkdir(exist_ok=True)
     WORK.mkdir(exist_ok=True)
     client = get_client(n_workers=args.workers, dashboard_address=":0")
     results: list = []
@@ -215,7 +182,7 @@ def main() -> None:
         for kind, sizes in (("10x-mtx", args.mtx), ("10x-h5", args.h5)):
             for n in sizes:
                 bench_one(kind, n, args, client, results)
-                (RESULTS / "ingest.json").write_text(json.dumps({**meta, "results": results}, indent=2))
+                RESULTS_FILE.save({**meta, "results": results})
     finally:
         client.close()
     plot(results, RESULTS / "ingest.png")

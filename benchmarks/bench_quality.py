@@ -10,33 +10,31 @@ The headline figure is seed 0. Both protocols are seeded (k-means init, Leiden),
 their spread over seeds (about 0.01 ARI) is as large as the gaps between embeddings, so the
 protocol is also repeated with seeds 0-4 and the mean and standard deviation reported.
 
-Writes ``benchmarks/results/quality.json``, ``quality.md`` and ``quality.png``.
+Writes ``benchmarks/results/quality.json``, ``quality.md``, ``quality.png`` and the ``quality``
+block of ``RESULTS.md``; ``--report-only`` redraws the last three from the JSON.
 Needs the ``bench`` extra (``pip install -e .[bench]``).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-DATA = HERE.parent.parent / "shared" / "data"
-WORK = HERE / "work" / "quality"
-RESULTS = HERE / "results"
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import RESULTS, plots
+from harness import WORK as BENCH_WORK
+from harness.report import publish
+from harness.results import ResultsFile
+from harness.stores import DATASETS, ingest_dataset, root_obs
+from harness.timing import Timer
 
-DATASETS = {
-    "bm0828": dict(inputs=DATA / "buenrostro2018_bm0828" / "filtered_peak_bc_matrix",
-                   labels=DATA / "buenrostro2018_bm0828" / "buenrostro2018_bm0828_labels.tsv", key="celltype"),
-    "leukemia": dict(inputs=DATA / "leukemia_corces2016.h5ad", labels=None, key="celltype"),
-    "snare": dict(inputs=DATA / "snare_mop" / "filtered_feature_bc_matrix.h5",
-                  labels=DATA / "snare_mop" / "snare_mop_metadata.tsv", key="cluster (remapped)"),
-}
+WORK = BENCH_WORK / "quality"
+RESULTS_FILE = ResultsFile(RESULTS / "quality.json")
 
 
 def protocol(E: np.ndarray, y: np.ndarray, seed: int = 0) -> dict:
@@ -67,7 +65,18 @@ def protocol_seeds(E: np.ndarray, y: np.ndarray) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--report-only", action="store_true",
+                    help="redraw quality.md, quality.png and the RESULTS.md block from quality.json")
+    args = ap.parse_args(argv)
+    if args.report_only:
+        report(RESULTS_FILE.load())
+        return
+    measure()
+
+
+def measure() -> None:
     import anndata as ad
     import zarr
     from anndata.io import read_elem
@@ -76,24 +85,20 @@ def main() -> None:
     import scatac_dist as sd
     from scatac_dist.pipeline import default_stages, run_stages
 
-    WORK.mkdir(parents=True, exist_ok=True)
-    RESULTS.mkdir(exist_ok=True)
     client = sd.get_client(n_workers=2, dashboard_address=":0")
     out = {}
     for name, spec in DATASETS.items():
-        store = WORK / f"{name}.zarr"
-        sd.ingest(spec["inputs"], store, labels=spec["labels"], overwrite=True, client=client, progress=False)
+        store = ingest_dataset(name, WORK, client)
         atlas = sd.open_atlas(store)
         root = zarr.open_group(str(store), mode="r")
-        obs = read_elem(root["obs"])
+        obs = root_obs(store)
         y_all = obs[spec["key"]].astype(str).to_numpy()
         ok = (y_all != "Mis") & (y_all != "nan")
-        t0 = time.perf_counter()
         stages = [s for s in default_stages() if s.name in ("qc", "filter_cells", "select_features", "tfidf",
                                                            "lsi", "spectral")]
-        run_stages(atlas, stages, client=client, force=True, progress=False)
-        ours_s = time.perf_counter() - t0
-        rec = {"n_cells": int(ok.sum()), "n_labels": int(len(np.unique(y_all[ok]))), "ours_seconds": ours_s}
+        with Timer() as t:
+            run_stages(atlas, stages, client=client, force=True, progress=False)
+        rec = {"n_cells": int(ok.sum()), "n_labels": int(len(np.unique(y_all[ok]))), "ours_seconds": t.seconds}
         keep = atlas.obs["pass_qc"].to_numpy(bool) if "pass_qc" in atlas.obs else np.ones(atlas.n_obs, bool)
         for rep in ("X_spectral", "X_lsi"):
             E = atlas.read(f"obsm/{rep}")
@@ -110,9 +115,13 @@ def main() -> None:
         rec["snapatac2_X_spectral"] = protocol_seeds(E[ok], y_all[ok])
         out[name] = rec
         print(name, json.dumps({k: v for k, v in rec.items()}, default=float)[:600], flush=True)
-        (RESULTS / "quality.json").write_text(json.dumps(out, indent=1, default=float))
+        RESULTS_FILE.save(out)
     client.close()
+    report(out)
+    shutil.rmtree(WORK, ignore_errors=True)
 
+
+def report(out: dict) -> None:
     lines = ["| dataset | cells | k | embedding | k-means ARI | k-means NMI | Leiden ARI | Leiden NMI "
              "| k-means ARI, 5 seeds | Leiden ARI, 5 seeds |",
              "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
@@ -123,29 +132,16 @@ def main() -> None:
                          f"{r['kmeans_nmi']:.3f} | {r['leiden_ari']:.3f} | {r['leiden_nmi']:.3f} | "
                          f"{r['kmeans_ari_mean']:.3f} ± {r['kmeans_ari_sd']:.3f} | "
                          f"{r['leiden_ari_mean']:.3f} ± {r['leiden_ari_sd']:.3f} |")
-    (RESULTS / "quality.md").write_text("\n".join(lines) + "\n")
-    _results_block("\n".join(lines))
+    publish("quality", "## Quality on real data (`python benchmarks/bench_quality.py`)\n\n"
+            "Same protocol for every embedding: k-means with k = number of labels (n_init 20, seed 0) "
+            "and Leiden (leidenalg) on a 15-NN graph, resolution searched to k. SNARE: `cluster (remapped)` "
+            "without `Mis`. The last two columns repeat both protocols with seeds 0-4 "
+            "(mean ± s.d.).\n\n", lines, md=RESULTS / "quality.md")
     plot(out, RESULTS / "quality.png")
-    print("\n".join(lines))
-    shutil.rmtree(WORK, ignore_errors=True)
-
-
-def _results_block(table: str) -> None:
-    from results_md import replace_block
-
-    replace_block("quality", "## Quality on real data (`python benchmarks/bench_quality.py`)\n\n"
-                  "Same protocol for every embedding: k-means with k = number of labels (n_init 20, seed 0) "
-                  "and Leiden (leidenalg) on a 15-NN graph, resolution searched to k. SNARE: `cluster (remapped)` "
-                  "without `Mis`. The last two columns repeat both protocols with seeds 0-4 "
-                  "(mean ± s.d.).\n\n" + table)
 
 
 def plot(out: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
     embs = ("ours_X_spectral", "ours_X_lsi", "snapatac2_X_spectral")
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
     x = np.arange(len(out))
@@ -158,7 +154,7 @@ def plot(out: dict, path: Path) -> None:
         ax.set(xticks=x, xticklabels=list(out), ylabel=metric.replace("_", " ") + " (mean ± s.d., 5 seeds; dot: seed 0)",
                ylim=(0, 1))
     axes[0].legend(fontsize=8)
-    fig.savefig(path, dpi=110)
+    plots.save(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ atlas grows.
   (default: one full epoch over every cell, SCALE's filters off) at several atlas sizes;
   memory should stay flat.
 
-Synthetic stores come from ``bench_scaling.ensure_atlas`` under ``$SCATAC_BENCH_SCRATCH``.
+Synthetic stores come from ``harness.stores.ensure_atlas`` under ``$SCATAC_BENCH_SCRATCH``.
 Writes ``benchmarks/results/scale.json``, ``scale.md``, ``scale.png`` and the ``scale`` block
 of ``RESULTS.md``.
 """
@@ -40,44 +40,28 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-RESULTS = HERE / "results"
-WORK = HERE / "work" / "scale"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import RESULTS, plots
+from harness import WORK as BENCH_WORK
+from harness.children import local_cluster, recorded
+from harness.memory import TreeSampler
+from harness.procs import run_spec_child
+from harness.report import publish
+from harness.results import ResultsFile, write_json
+from harness.stores import DATASETS, copy_store, ensure_atlas, ingest_dataset, scratch
+
+WORK = BENCH_WORK / "scale"
 OUT = RESULTS / "scale.json"
-GIB = 2 ** 30
+# two benchmark processes may run side by side (one pinned per core): the lock keeps one's
+# read-modify-write from dropping the other's rows
+RESULTS_FILE = ResultsFile(OUT, lock=True)
 SNAPATAC2 = {"leukemia": 0.510, "bm0828": 0.435}   # k-means ARI measured beforehand (issue 5)
 PEER_CELLS_PER_S = 280.0                           # scale 1.1.2 on Leukemia, this machine (issue 5)
-
-
-def _load() -> dict:
-    return json.loads(OUT.read_text()) if OUT.exists() else {}
-
-
-def _save(section: str, key: str, value) -> None:
-    import fcntl
-
-    RESULTS.mkdir(exist_ok=True)
-    # two benchmark processes may run side by side (one pinned per core): the lock keeps one's
-    # read-modify-write from dropping the other's rows
-    with open(OUT.with_suffix(".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        res = _load()
-        res.setdefault(section, {})[key] = value
-        tmp = OUT.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(res, indent=1, default=float))
-        os.replace(tmp, OUT)
-
-
-def _scratch() -> Path:
-    return Path(os.environ.get("SCATAC_BENCH_SCRATCH", HERE / "work"))
 
 
 # --------------------------------------------------------------------------- one run, in a child
@@ -85,72 +69,45 @@ def _scratch() -> Path:
 
 def run_child(spec_path: str) -> None:
     """One SCALE fit in this process (with its DDP children), RSS sampled for the whole tree."""
-    from bench_scaling import ProcessSampler
-    from distributed import Client, LocalCluster
-
     import scatac_dist as sd
     from scatac_dist.models import SCALE
 
     spec = json.loads(Path(spec_path).read_text())
-    sampler = ProcessSampler(os.getpid())
-    sampler.start()
     res = {"spec": spec}
-    try:
-        with LocalCluster(n_workers=1, threads_per_worker=2, processes=True, dashboard_address=":0",
-                          memory_limit="6GiB") as cluster, Client(cluster):
-            sampler.set_stage("scale")
-            t = time.perf_counter()
+    # where a configuration stops is a result
+    with TreeSampler(os.getpid()) as sampler, recorded(res), local_cluster(1, 2, "6GiB"):
+        with sampler.timed_stage("scale") as t:
             m = SCALE(progress=False, **spec["params"]).fit(spec["store"], outputs=not spec.get("train_only"))
-            res["seconds"] = time.perf_counter() - t
-            sampler.set_stage(None)
-            res["timings"] = m.timings_
-            res["summary"] = {k: v for k, v in m.summary_.items() if k != "history"}
-            res["epoch_loss_last"] = m.summary_["history"][-1] if m.summary_["history"] else None
-            res["n_clusters"] = m.n_clusters_
-            res["n_train_cells"] = m.n_cells_
-            if spec.get("labels_key"):
-                from bench_quality import protocol
+        res["seconds"] = t.seconds
+        sampler.set_stage(None)
+        res["timings"] = m.timings_
+        res["summary"] = {k: v for k, v in m.summary_.items() if k != "history"}
+        res["epoch_loss_last"] = m.summary_["history"][-1] if m.summary_["history"] else None
+        res["n_clusters"] = m.n_clusters_
+        res["n_train_cells"] = m.n_cells_
+        if spec.get("labels_key"):
+            from bench_quality import protocol
 
-                atlas = sd.open_atlas(spec["store"])
-                used = atlas.obs["scale_used"].to_numpy(bool)
-                y = atlas.obs[spec["labels_key"]].astype(str).to_numpy()[used]
-                E = atlas.read("obsm/X_scale")[used]
-                res.update(protocol(E, y, seed=0))
-                res["n_cells"] = int(used.sum())
-            res["status"] = "ok"
-    except Exception as exc:  # where a configuration stops is a result
-        import traceback
-
-        res["status"] = f"{type(exc).__name__}: {exc}"
-        res["traceback"] = traceback.format_exc()[-2000:]
-    sampler.stop()
-    procs = sampler.per_process.values()
-    res["peak_rss_client_gib"] = max((v["peak_rss"] for v in procs if v["role"] == "client"), default=0) / GIB
-    res["peak_rss_max_process_gib"] = max((v["peak_rss"] for v in procs), default=0) / GIB
-    res["peak_rss_tree_gib"] = max(sampler.stage_tree.values(), default=0) / GIB
-    Path(spec["out"]).write_text(json.dumps(res, indent=1, default=float))
+            atlas = sd.open_atlas(spec["store"])
+            used = atlas.obs["scale_used"].to_numpy(bool)
+            y = atlas.obs[spec["labels_key"]].astype(str).to_numpy()[used]
+            E = atlas.read("obsm/X_scale")[used]
+            res.update(protocol(E, y, seed=0))
+            res["n_cells"] = int(used.sum())
+    figures = sampler.figures_gib()
+    res.update({k: figures[k] for k in ("peak_rss_client_gib", "peak_rss_max_process_gib", "peak_rss_tree_gib")})
+    write_json(spec["out"], res)
 
 
 def _run(name: str, store: Path, params: dict, labels_key: str | None = None, copy: bool = True,
          train_only: bool = False) -> dict:
-    WORK.mkdir(parents=True, exist_ok=True)
-    target = store
-    if copy:  # SCALE writes into the store: work on a copy
-        target = WORK / f"{name}.zarr"
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.copytree(store, target)
-    spec = {"store": str(target), "params": params, "labels_key": labels_key, "out": str(WORK / f"{name}.json"),
-            "train_only": train_only}
-    sp = WORK / f"{name}.spec.json"
-    sp.write_text(json.dumps(spec))
-    t = time.perf_counter()
     from scatac_dist.train.dist import without_dask_worker_environ
 
+    target = copy_store(store, WORK / f"{name}.zarr") if copy else store  # SCALE writes into the store
+    spec = {"store": str(target), "params": params, "labels_key": labels_key, "out": str(WORK / f"{name}.json"),
+            "train_only": train_only}
     with without_dask_worker_environ():  # the ingest's LocalCluster left its worker settings behind
-        subprocess.run([sys.executable, __file__, "child", str(sp)], check=False)
-    out = Path(spec["out"])
-    res = json.loads(out.read_text()) if out.exists() else {"status": "no result (child crashed)"}
-    res["subprocess_wall_s"] = time.perf_counter() - t
+        res = run_spec_child(__file__, WORK, name, spec)
     if copy:
         shutil.rmtree(target, ignore_errors=True)
     print(name, res.get("status"), {k: res.get(k) for k in ("kmeans_ari", "leiden_ari", "seconds")},
@@ -163,12 +120,9 @@ def _run(name: str, store: Path, params: dict, labels_key: str | None = None, co
 
 def quality(seeds, sets, full: bool, batch: int = 32, lr: float | None = None, min_iter: int | None = None,
             max_iter: int | None = None, depth_norm: bool = False, depth_offset: bool = False) -> None:
-    from bench_quality import DATASETS
-    from bench_sccase import _quality_store
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=":0") as lc, Client(lc) as client:
-        stores = {name: _quality_store(name, client) for name in sets}
+    # the same folder as bench_sccase.py's quality stores (scale_wander.py reads them there)
+    with local_cluster(1, 2) as client:
+        stores = {name: ingest_dataset(name, BENCH_WORK / "sccase", client) for name in sets}
     for name in sets:
         k = len(np.unique(_labels(stores[name], DATASETS[name]["key"])))
         for seed in seeds:
@@ -188,7 +142,7 @@ def quality(seeds, sets, full: bool, batch: int = 32, lr: float | None = None, m
                 mode += "-depthoffset"
             key = f"{name}_{mode}_seed{seed}"
             res = _run(key, stores[name], params, labels_key=DATASETS[name]["key"])
-            _save("quality", key, res)
+            RESULTS_FILE.set_entry("quality", key, res)
 
 
 def curve(seeds, sets, stages, batch: int = 32, lr: float | None = None, depth_offset: bool = False) -> None:
@@ -202,15 +156,11 @@ def curve(seeds, sets, stages, batch: int = 32, lr: float | None = None, depth_o
     """
     import tempfile
 
-    from bench_quality import DATASETS
-    from bench_sccase import _quality_store
-    from distributed import Client, LocalCluster
-
     WORK.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="curve-", dir=WORK) as tmp:
         tmp = Path(tmp)
-        with LocalCluster(n_workers=1, threads_per_worker=2, dashboard_address=":0") as lc, Client(lc) as client:
-            stores = {name: _quality_store(name, client, folder=tmp) for name in sets}
+        with local_cluster(1, 2) as client:
+            stores = {name: ingest_dataset(name, tmp, client) for name in sets}
         for name in sets:
             k = len(np.unique(_labels(stores[name], DATASETS[name]["key"])))
             for seed in seeds:
@@ -231,7 +181,7 @@ def curve(seeds, sets, stages, batch: int = 32, lr: float | None = None, depth_o
                     rows.append({"step": int(step), "status": res.get("status"), "kmeans_ari": res.get("kmeans_ari"),
                                  "leiden_ari": res.get("leiden_ari"), "cells_per_s": s.get("cells_per_s"),
                                  "loss": res.get("epoch_loss_last"), "cores": len(os.sched_getaffinity(0))})
-                    _save("curve", key, rows)
+                    RESULTS_FILE.set_entry("curve", key, rows)
 
 
 def _labels(store: Path, key: str) -> np.ndarray:
@@ -242,9 +192,7 @@ def _labels(store: Path, key: str) -> np.ndarray:
 
 def throughput(store: Path | None, steps: int, modes=("quick", "full"), nprocs=(1, 2), batches=(32, 256),
                tag: str = "synth100k", depth_offset: bool = True) -> None:
-    from bench_scaling import ensure_atlas
-
-    store = store or ensure_atlas(10_000, _scratch())
+    store = store or ensure_atlas(10_000, scratch())
     for mode in modes:
         for nproc in nprocs:
             for batch in batches:
@@ -253,14 +201,12 @@ def throughput(store: Path | None, steps: int, modes=("quick", "full"), nprocs=(
                 res = _run(f"tp_{key}", store, {"n_clusters": 10, "quick": mode == "quick", "nproc": nproc,
                                                 "batch_size": batch, "max_iter": n, "patience": 10 ** 6,
                                                 "min_reads": 1, "min_cells": 5, "depth_offset": depth_offset})
-                _save("throughput", key, res)
+                RESULTS_FILE.set_entry("throughput", key, res)
 
 
 def epoch(sizes, steps: int | None, batch: int, train_only: bool = False) -> None:
-    from bench_scaling import ensure_atlas
-
     for n in sizes:
-        store = ensure_atlas(int(n), _scratch())
+        store = ensure_atlas(int(n), scratch())
         n_steps = steps or max(1, int(n) // batch)
         # the synthetic stores are large: write SCALE's outputs into them in place (they are
         # benchmark inputs only, and SCALE replaces its own slots atomically)
@@ -270,11 +216,11 @@ def epoch(sizes, steps: int | None, batch: int, train_only: bool = False) -> Non
         res = _run(f"epoch_{key}", store, {"n_clusters": 10, "quick": True, "batch_size": batch,
                                            "max_iter": n_steps, "patience": 10 ** 6, "preprocess": False},
                    copy=False, train_only=train_only)
-        _save("epoch", key, res)
+        RESULTS_FILE.set_entry("epoch", key, res)
 
 
 def report() -> None:
-    res = _load()
+    res = RESULTS_FILE.load()
     lines = []
     q = res.get("quality", {})
     if q:
@@ -332,25 +278,20 @@ def report() -> None:
                 lines.append(f"| {group} | {step} | {len(rows)} | {', '.join(f'{v:.3f}' for v in km)} "
                              f"| {km.mean():.3f} ± {km.std():.3f} | {ld.mean():.3f} ± {ld.std():.3f} "
                              f"| {SNAPATAC2.get(name, float('nan')):.3f} | {rows[0].get('cores', '')} |")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scale.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    from results_md import replace_block
-
-    replace_block("scale", "## SCALE (`python benchmarks/bench_scale.py quality|throughput|epoch|curve`, then `report`)\n\n"
-                  "CPU only (no GPU on this machine). Quality: k = number of labels, k-means (n_init 20) and "
-                  "Leiden searched to k on `obsm['X_scale']` (protocol of `bench_quality.py`, seed 0); "
-                  "SnapATAC2's k-means ARI and the authors' 280 cells/s are the figures measured beforehand "
-                  "(issue 5). Quality rows with `depthoffset` in the encoder column use SCALE's default decoder "
-                  "(`depth_offset`, a per-cell depth term); the others, the curve and the throughput and epoch rows "
-                  "use the paper's decoder (`depth_offset=False`), SCALE's default before 2026-12-01, except the "
-                  "throughput rows named `synth100k-offset`. "
-                  "`quick-depthnorm` and `quick-depthoffset` runs (batch 32) ran two side by side, each pinned "
-                  "to one core, so their cells/s are one core's. Throughput: synthetic store, 10k cells x 100k peaks. Epoch: quick encoder, 100 "
-                  "steps of 256 cells at each size over every cell (SCALE's filters off), DDP off; the epoch time is projected from "
-                  "the measured cells/s. Rows ending in `-epoch` train one whole epoch (cells / 256 steps); `-train`: "
-                  "training alone (`fit(outputs=False)`). Curve: one 30,000-step run per seed, resumed at each stage, "
-                  "each run pinned to one core (two ran side by side).\n\n" + "\n".join(lines))
+    publish("scale", "## SCALE (`python benchmarks/bench_scale.py quality|throughput|epoch|curve`, then `report`)\n\n"
+            "CPU only (no GPU on this machine). Quality: k = number of labels, k-means (n_init 20) and "
+            "Leiden searched to k on `obsm['X_scale']` (protocol of `bench_quality.py`, seed 0); "
+            "SnapATAC2's k-means ARI and the authors' 280 cells/s are the figures measured beforehand "
+            "(issue 5). Quality rows with `depthoffset` in the encoder column use SCALE's default decoder "
+            "(`depth_offset`, a per-cell depth term); the others, the curve and the throughput and epoch rows "
+            "use the paper's decoder (`depth_offset=False`), SCALE's default before 2026-12-01, except the "
+            "throughput rows named `synth100k-offset`. "
+            "`quick-depthnorm` and `quick-depthoffset` runs (batch 32) ran two side by side, each pinned "
+            "to one core, so their cells/s are one core's. Throughput: synthetic store, 10k cells x 100k peaks. Epoch: quick encoder, 100 "
+            "steps of 256 cells at each size over every cell (SCALE's filters off), DDP off; the epoch time is projected from "
+            "the measured cells/s. Rows ending in `-epoch` train one whole epoch (cells / 256 steps); `-train`: "
+            "training alone (`fit(outputs=False)`). Curve: one 30,000-step run per seed, resumed at each stage, "
+            "each run pinned to one core (two ran side by side).\n\n", lines, md=RESULTS / "scale.md")
     _plot(res)
 
 
@@ -366,11 +307,7 @@ def _curve_groups(cv: dict) -> dict:
 
 
 def _plot(res: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.5))
     t = res.get("throughput", {})
     if t:
@@ -401,8 +338,7 @@ def _plot(res: dict) -> None:
         axes[2].set_xlabel("training steps")
         axes[2].set_ylabel("k-means ARI (dashed: SnapATAC2)")
         axes[2].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "scale.png", dpi=120)
+    plots.save(fig, RESULTS / "scale.png", dpi=120, tight=True)
 
 
 def main(argv=None) -> None:

@@ -28,91 +28,29 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import psutil
 
-HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import RESULTS, WORK, plots
+from harness.children import local_cluster
+from harness.memory import GIB, TreeSampler
+from harness.procs import run_child
+from harness.report import publish
+from harness.results import ResultsFile, write_json
+from harness.stores import ensure_atlas
+from harness.timing import Timer
+
 JSON_OUT = RESULTS / "scaling.json"
-GIB = 2 ** 30
+RESULTS_FILE = ResultsFile(JSON_OUT, indent=2)
 #: the stages SnapATAC2's four calls correspond to (its select_features + spectral + knn + leiden)
 MATCHED = ("select_features", "spectral", "neighbors", "leiden")
-
-
-class ProcessSampler(threading.Thread):
-    """Samples every process of a tree: peak RSS per process, and per stage the peak of the
-    tree total and of the largest single process. Roles: ``client`` (this process, which also
-    hosts the scheduler and the nannies of a LocalCluster), ``worker``, ``resource-tracker``."""
-
-    def __init__(self, root: int, interval: float = 0.2):
-        super().__init__(daemon=True)
-        self.root = psutil.Process(root)
-        self.interval = interval
-        self.stage: str | None = None
-        self.per_process: dict[int, dict] = {}
-        self.stage_tree: dict[str, int] = {}
-        self.stage_max_proc: dict[str, int] = {}
-        self._halt = threading.Event()
-        self._lock = threading.Lock()
-
-    def _role(self, p: psutil.Process) -> str:
-        if p.pid == self.root.pid:
-            return "client"
-        try:
-            cmd = " ".join(p.cmdline())
-        except psutil.Error:
-            return "?"
-        if "resource_tracker" in cmd:
-            return "resource-tracker"
-        # LocalCluster's nannies are objects in the client process; each spawned child is a worker
-        if "spawn_main" in cmd:
-            return "worker"
-        return "other"
-
-    def sample(self):
-        try:
-            procs = [self.root, *self.root.children(recursive=True)]
-        except psutil.Error:
-            return
-        total, biggest = 0, 0
-        for p in procs:
-            try:
-                rss = p.memory_info().rss
-            except psutil.Error:
-                continue
-            total += rss
-            biggest = max(biggest, rss)
-            with self._lock:
-                rec = self.per_process.setdefault(p.pid, {"role": self._role(p), "peak_rss": 0})
-                rec["peak_rss"] = max(rec["peak_rss"], rss)
-        with self._lock:
-            if self.stage is not None:
-                self.stage_tree[self.stage] = max(self.stage_tree.get(self.stage, 0), total)
-                self.stage_max_proc[self.stage] = max(self.stage_max_proc.get(self.stage, 0), biggest)
-
-    def set_stage(self, name: str | None):
-        self.sample()
-        with self._lock:
-            self.stage = name
-        self.sample()
-
-    def run(self):
-        while not self._halt.wait(self.interval):
-            self.sample()
-
-    def stop(self):
-        self.set_stage(None)
-        self._halt.set()
-        self.join(5)
 
 
 # --------------------------------------------------------------------------- one run of ours
@@ -120,57 +58,50 @@ class ProcessSampler(threading.Thread):
 
 def run_ours_child(store: str, workers: int, out: str) -> None:
     """Runs inside a fresh process: the default pipeline on a new LocalCluster."""
-    from distributed import Client, LocalCluster
-
     import scatac_dist as sd
     from scatac_dist.pipeline import default_stages, run_stages
     from scatac_dist.tl.metrics import ari
 
-    sampler = ProcessSampler(os.getpid())
-    sampler.start()
-    t_start = time.perf_counter()
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      memory_limit="10GiB") as cluster, Client(cluster) as client:
-        t_cluster = time.perf_counter() - t_start
-        atlas = sd.Atlas(store)
-        n = atlas.n_obs
-        stages = default_stages(n_clusters=10)
-        stage_s = {}
-        for st in stages:
-            sampler.set_stage(st.name)
-            rep = run_stages(atlas, [st], client=client, force=True, progress=False)
-            stage_s[st.name] = rep[st.name]["seconds"]
-            print(f"  {st.name}: {stage_s[st.name]:.1f} s", flush=True)
-        sampler.set_stage(None)
-        obs = atlas.obs
-        truth = obs["celltype"].astype(str)
-        quality = {"leiden_ari": ari(truth, obs["leiden"].astype(str)),
-                   "kmeans_ari": ari(truth, obs["kmeans"].astype(str)),
-                   "leiden_k": int(obs["leiden"].nunique())}
-    sampler.stop()
+    with TreeSampler(os.getpid()) as sampler:
+        t_start = Timer()
+        with local_cluster(workers, 1, "10GiB") as client:
+            t_cluster = t_start.elapsed
+            atlas = sd.Atlas(store)
+            n = atlas.n_obs
+            stages = default_stages(n_clusters=10)
+            stage_s = {}
+            for st in stages:
+                sampler.set_stage(st.name)
+                rep = run_stages(atlas, [st], client=client, force=True, progress=False)
+                stage_s[st.name] = rep[st.name]["seconds"]
+                print(f"  {st.name}: {stage_s[st.name]:.1f} s", flush=True)
+            sampler.set_stage(None)
+            obs = atlas.obs
+            truth = obs["celltype"].astype(str)
+            quality = {"leiden_ari": ari(truth, obs["leiden"].astype(str)),
+                       "kmeans_ari": ari(truth, obs["kmeans"].astype(str)),
+                       "leiden_k": int(obs["leiden"].nunique())}
     res = {
         "system": "scatac-dist", "workers": workers, "n_cells": n, "nnz": int(atlas.nnz),
         "cluster_start_s": t_cluster,
         "stages": {s: {"seconds": stage_s[s], "cells_per_s": n / stage_s[s] if stage_s[s] > 0 else None,
-                       "peak_rss_tree": sampler.stage_tree.get(s, 0),
-                       "peak_rss_max_process": sampler.stage_max_proc.get(s, 0)} for s in stage_s},
+                       "peak_rss_tree": sampler.stage_peaks.get(s, 0),
+                       "peak_rss_max_process": sampler.stage_max_process.get(s, 0)} for s in stage_s},
         "total_s": sum(stage_s.values()),
         "matched_s": sum(stage_s[s] for s in MATCHED),
-        "peak_rss_tree": max(sampler.stage_tree.values()),
+        "peak_rss_tree": max(sampler.stage_peaks.values()),
         "peak_rss_max_process": max(v["peak_rss"] for v in sampler.per_process.values()),
         "processes": sorted(({"pid": pid, **v} for pid, v in sampler.per_process.items()),
                             key=lambda r: -r["peak_rss"]),
         "quality": quality,
     }
-    Path(out).write_text(json.dumps(res, indent=2))
+    write_json(out, res, indent=2)
 
 
 def run_ours(store: Path, workers: int, tmp: Path) -> dict:
     out = tmp / f"ours_{store.stem}_{workers}w.json"
-    out.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(store), str(workers), str(out)]
-    subprocess.run(cmd, check=True)
-    return json.loads(out.read_text())
+    return run_child(cmd, out, check=True, wall_key=None)
 
 
 # --------------------------------------------------------------------------- SnapATAC2
@@ -204,39 +135,11 @@ def run_snap(store: Path, tmp: Path, timeout: float, max_rss: float) -> dict:
 # --------------------------------------------------------------------------- driver
 
 
-def ensure_atlas(n: int, scratch: Path) -> Path:
-    """The synthetic atlas of ``n`` cells, generated once (seed 0) and reused."""
-    import scatac_dist as sd
-    from scatac_dist.cluster import get_client
-    from scatac_dist.datasets import SynthParams, synthesize
-
-    store = scratch / f"synth_{n // 1000}k.zarr"
-    if store.exists():
-        try:
-            if sd.Atlas(store).n_obs == n:
-                return store
-        except Exception:  # a partial or unreadable store from an interrupted run: regenerate it
-            pass
-    with get_client(n_workers=2, threads_per_worker=1) as client:
-        t = time.perf_counter()
-        synthesize(store, SynthParams(n_cells=n, n_peaks=100_000, n_clusters=10, seed=0), overwrite=True,
-                   client=client)
-        print(f"generated {store} in {time.perf_counter() - t:.0f} s", flush=True)
-    return store
-
-
-def _save(results: dict) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    tmp = JSON_OUT.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    os.replace(tmp, JSON_OUT)
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 300_000, 1_000_000])
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--scratch", type=Path, default=HERE / "work" / "scaling")
+    ap.add_argument("--scratch", type=Path, default=WORK / "scaling")
     ap.add_argument("--snap-timeout", type=float, default=3600.0)
     ap.add_argument("--snap-max-rss", type=float, default=20.0, help="GiB; SnapATAC2 is stopped beyond it")
     ap.add_argument("--no-snap", action="store_true")
@@ -247,8 +150,7 @@ def main(argv=None) -> None:
     if args.child:
         run_ours_child(args.child[0], int(args.child[1]), args.child[2])
         return
-    sys.path.insert(0, str(HERE))
-    results = json.loads(JSON_OUT.read_text()) if JSON_OUT.exists() else {"runs": []}
+    results = RESULTS_FILE.load() or {"runs": []}
     if not args.report_only:
         results["machine"] = {"cpus": os.cpu_count(), "memory_gib": round(psutil.virtual_memory().total / GIB, 1),
                               "python": platform.python_version()}
@@ -262,7 +164,7 @@ def main(argv=None) -> None:
                 results["runs"] = [x for x in results["runs"]
                                    if not (x["system"] == "scatac-dist" and x.get("n_cells") == n and x["workers"] == w)]
                 results["runs"].append(r)
-                _save(results)
+                RESULTS_FILE.save(results)
                 print(f"  total {r['total_s']:.0f} s, tree peak {r['peak_rss_tree'] / GIB:.2f} GiB, "
                       f"largest process {r['peak_rss_max_process'] / GIB:.2f} GiB, ARI {r['quality']}", flush=True)
             if snap_ok and (args.snap_sizes is None or n in args.snap_sizes):
@@ -272,7 +174,7 @@ def main(argv=None) -> None:
                 r["workers"] = os.cpu_count()
                 results["runs"] = [x for x in results["runs"] if not (x["system"] == "snapatac2" and x.get("n_cells") == n)]
                 results["runs"].append(r)
-                _save(results)
+                RESULTS_FILE.save(results)
                 print(f"  {r.get('failed') or r['matched_s']}", flush=True)
                 snap_ok = "failed" not in r
     report(results)
@@ -282,11 +184,7 @@ def main(argv=None) -> None:
 
 
 def report(results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
     runs = [r for r in results["runs"] if "failed" not in r]
     ours = sorted((r for r in runs if r["system"] == "scatac-dist"), key=lambda r: (r["workers"], r["n_cells"]))
     snap = sorted((r for r in runs if r["system"] == "snapatac2"), key=lambda r: r["n_cells"])
@@ -312,8 +210,7 @@ def report(results: dict) -> None:
         a.set_ylabel(t)
         a.legend(fontsize=7)
     ax[1].axhline(8, color="r", lw=0.8, ls=":")
-    fig.tight_layout()
-    fig.savefig(RESULTS / "scaling.png", dpi=110)
+    plots.save(fig, RESULTS / "scaling.png", dpi=110, tight=True)
     write_markdown(results)
 
 
@@ -349,16 +246,12 @@ def write_markdown(results: dict) -> None:
     for r in ours:
         srows.append(f"| {r['n_cells']:,} | {r['workers']} | "
                      + " | ".join(_fmt(r["stages"][s]["seconds"], 1) for s in stage_names) + " |")
-    table = "\n".join(rows)
-    stages = "\n".join(srows)
-    from results_md import replace_block
-
-    replace_block("scaling", "## Scaling (`python benchmarks/bench_scaling.py`)\n\n"
-                  "Matched stages: our select_features + spectral + neighbors + leiden against SnapATAC2's "
-                  "select_features + spectral + knn + leiden. Memory: peak RSS summed over every process of "
-                  "the run (client with the scheduler and nannies, and each worker; SnapATAC2: its process). "
-                  "Ratios are ours / SnapATAC2 from the same run.\n\n"
-                  f"{table}\n\nPer-stage wall time (s):\n\n{stages}")
+    publish("scaling", "## Scaling (`python benchmarks/bench_scaling.py`)\n\n"
+            "Matched stages: our select_features + spectral + neighbors + leiden against SnapATAC2's "
+            "select_features + spectral + knn + leiden. Memory: peak RSS summed over every process of "
+            "the run (client with the scheduler and nannies, and each worker; SnapATAC2: its process). "
+            "Ratios are ours / SnapATAC2 from the same run.\n\n",
+            [*rows, "", "Per-stage wall time (s):", "", *srows], echo=False)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ zeros would be 99% of the matrix): auROC and auPRC (``scatac_dist.tl.metrics``).
 damaged raw matrix itself is the baseline (its dropped entries are 0, so it cannot rank them:
 auROC 0.5).
 
-**Scale.** Synthetic atlases (100k peaks, 10 types, ``bench_scaling.ensure_atlas``), atlas
+**Scale.** Synthetic atlases (100k peaks, 10 types, ``harness.stores.ensure_atlas``), atlas
 mode with k = 30 and 5 iterations, each size in a fresh process with 2 workers, sampled for
 peak RSS per process; exact mode and the authors' package where they can hold the data
 (refusals and failures are recorded, not hidden).
@@ -36,45 +36,26 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-RESULTS = HERE / "results"
-WORK = HERE / "work" / "sccase"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import BENCH, RESULTS, plots
+from harness import WORK as BENCH_WORK
+from harness.children import local_cluster, recorded
+from harness.memory import TreeSampler, ru_maxrss_bytes
+from harness.procs import run_child, run_measured
+from harness.report import publish
+from harness.results import ResultsFile, write_json
+from harness.stores import DATASETS, ensure_atlas, ingest_dataset, root_obs, scratch
+from harness.timing import Timer
+
+WORK = BENCH_WORK / "sccase"
 OUT = RESULTS / "sccase.json"
-PEER_PY = HERE / "work" / "sccase-venv" / "bin" / "python"
-GIB = 2 ** 30
-
-
-def _load() -> dict:
-    return json.loads(OUT.read_text()) if OUT.exists() else {}
-
-
-def _save(section: str, value) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    res = _load()
-    res[section] = value
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1, default=float))
-    os.replace(tmp, OUT)
-
-
-def _quality_store(name: str, client, folder: Path | None = None) -> Path:
-    """A fresh ingest of a real set (the same inputs as bench_quality) into ``folder``."""
-    from bench_quality import DATASETS
-
-    import scatac_dist as sd
-
-    spec = DATASETS[name]
-    store = (folder or WORK) / f"{name}.zarr"
-    sd.ingest(spec["inputs"], store, labels=spec["labels"], overwrite=True, client=client, progress=False)
-    return store
+RESULTS_FILE = ResultsFile(OUT)
+PEER_PY = BENCH_WORK / "sccase-venv" / "bin" / "python"
 
 
 def raw_representation(store: Path, seed: int = 0) -> np.ndarray:
@@ -113,19 +94,20 @@ def peer_representation(enhanced: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def run_peer(h5ad: Path, outdir: Path, timeout: float = 3600) -> dict:
+    """The authors' package on ``h5ad`` (``sccase_runner.py`` under its own virtualenv), its
+    output in ``outdir`` with the runner's stdout and stderr beside it (``outdir.log``, ``.err``)."""
     if not PEER_PY.exists():
         return {"status": "not installed (make bench-sccase-install)"}
     shutil.rmtree(outdir, ignore_errors=True)
-    t = time.perf_counter()
     timeout = float(os.environ.get("SCCASE_PEER_TIMEOUT", timeout))
-    try:
-        p = subprocess.run([str(PEER_PY), str(HERE / "sccase_runner.py"), str(h5ad), str(outdir)],
-                           capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"status": f"timed out after {timeout:.0f} s", "subprocess_wall_s": time.perf_counter() - t}
+    err = outdir.with_suffix(".err")
+    m = run_measured([str(PEER_PY), str(BENCH / "sccase_runner.py"), str(h5ad), str(outdir)],
+                     log=outdir.with_suffix(".log"), stderr_log=err, interval=0.5, timeout=timeout)
+    if m.stopped == "timeout":
+        return {"status": f"timed out after {timeout:.0f} s", "subprocess_wall_s": m.wall_s}
     res = json.loads((outdir / "result.json").read_text()) if (outdir / "result.json").exists() else {}
-    res.setdefault("status", "ok" if p.returncode == 0 else f"exit {p.returncode}: {p.stderr[-300:]}")
-    res["subprocess_wall_s"] = time.perf_counter() - t
+    res.setdefault("status", "ok" if m.returncode == 0 else f"exit {m.returncode}: {err.read_text()[-300:]}")
+    res["subprocess_wall_s"] = m.wall_s
     return res
 
 
@@ -140,40 +122,32 @@ def _peer_enhanced(outdir: Path):
 
 
 def _fit(store: Path, **kw) -> dict:
-    import resource
-
     from scatac_dist.models import SCCASE
 
-    t = time.perf_counter()
-    m = SCCASE(**kw).fit(store)
-    return {"seconds": time.perf_counter() - t, "timings": m.timings_, "client_maxrss_gib":
-            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20,
+    with Timer() as t:
+        m = SCCASE(**kw).fit(store)
+    return {"seconds": t.seconds, "timings": m.timings_, "client_maxrss_gib": ru_maxrss_bytes() / 2 ** 30,
             **{k: m.result_[k] for k in ("mode", "n_cells", "n_peaks", "n_factors", "n_iter", "converged")},
             "loss_first": m.result_["losses"][0], "loss_last": m.result_["losses"][-1]}
 
 
 def _labels(store: Path, atlas, key: str) -> np.ndarray:
     """Labels from the store's root obs (a MuData store keeps them there, not in the modality)."""
-    import zarr
-    from anndata.io import read_elem
-
-    obs = read_elem(zarr.open_group(str(store), mode="r")["obs"])
-    return obs.loc[atlas.obs.index, key].astype(str).to_numpy()
+    return root_obs(store).loc[atlas.obs.index, key].astype(str).to_numpy()
 
 
 def quality(names=None) -> None:
     import anndata as ad
-    from bench_quality import DATASETS, protocol_seeds
+    from bench_quality import protocol_seeds
 
     import scatac_dist as sd
 
-    WORK.mkdir(parents=True, exist_ok=True)
     client = sd.get_client(n_workers=2, dashboard_address=":0")
-    out = _load().get("quality", {})
+    out = RESULTS_FILE.load().get("quality", {})
     for name, spec in DATASETS.items():
         if names and name not in names:
             continue
-        store = _quality_store(name, client)
+        store = ingest_dataset(name, WORK, client)
         atlas = sd.open_atlas(store)
         y = _labels(store, atlas, spec["key"])
         ok = (y != "Mis") & (y != "nan")
@@ -187,7 +161,7 @@ def quality(names=None) -> None:
             print(name, mode, rec[f"ours_{mode}"]["kmeans_ari"], rec[f"ours_{mode}"]["leiden_ari"], flush=True)
         if os.environ.get("SCCASE_NO_PEER"):     # keep the peer's figures from an earlier run
             out[name] = out.get(name, {}) | rec
-            _save("quality", out)
+            RESULTS_FILE.set_section("quality", out)
             continue
         h5ad = WORK / f"{name}_in.h5ad"
         A = atlas.to_memory() if not atlas.is_mudata else None
@@ -205,7 +179,7 @@ def quality(names=None) -> None:
         if Y is not None and Y.shape[0] == atlas.n_obs:
             rec["peer"] = protocol_seeds(peer_representation(Y)[ok], y[ok])
         out[name] = rec
-        _save("quality", out)
+        RESULTS_FILE.set_section("quality", out)
         print(name, json.dumps({k: (v.get("kmeans_ari"), v.get("leiden_ari")) for k, v in rec.items()
                                 if isinstance(v, dict) and "kmeans_ari" in v}), flush=True)
     client.close()
@@ -218,11 +192,10 @@ def dropout(names=("bm0828", "leukemia"), frac: float = 0.2, seed: int = 0) -> N
     import scatac_dist as sd
     from scatac_dist.tl.metrics import auprc, auroc
 
-    WORK.mkdir(parents=True, exist_ok=True)
     client = sd.get_client(n_workers=2, dashboard_address=":0")
     out = {}
     for name in names:
-        src = sd.open_atlas(_quality_store(name, client))
+        src = sd.open_atlas(ingest_dataset(name, WORK, client))
         C = sp.csr_matrix(src.X.compute())
         C.sort_indices()
         rng = np.random.default_rng(seed)
@@ -250,30 +223,24 @@ def dropout(names=("bm0828", "leukemia"), frac: float = 0.2, seed: int = 0) -> N
             rec[label] = {"auroc": auroc(truth, s), "auprc": auprc(truth, s)}
         out[name] = rec
         print(name, rec["sccase"], rec["raw_damaged"], flush=True)
-        _save("dropout", out)
+        RESULTS_FILE.set_section("dropout", out)
     client.close()
 
 
 # ------------------------------------------------------------------------------------ scale
 
 def scale_child(store: str, mode: str, out: str, k: int, iters: int, top: int) -> None:
-    from bench_scaling import ProcessSampler
-    from distributed import Client, LocalCluster
-
     import scatac_dist as sd
     from scatac_dist.models import SCCASE
     from scatac_dist.tl.metrics import ari
 
-    sampler = ProcessSampler(os.getpid())
-    sampler.start()
     res = {"mode": mode, "store": store}
-    try:
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                          memory_limit="10GiB") as cluster, Client(cluster):
-            sampler.set_stage("sccase")
-            t = time.perf_counter()
-            m = SCCASE(mode=mode, k_neighbors=k, max_iter=iters, tol=0, n_factors=10, enhanced_top=top).fit(store)
-            res["seconds"] = time.perf_counter() - t
+    with TreeSampler(os.getpid()) as sampler:
+        # recorded: where a mode stops is a result
+        with recorded(res, traceback_chars=0), local_cluster(2, 1, "10GiB"):
+            with sampler.timed_stage("sccase") as t:
+                m = SCCASE(mode=mode, k_neighbors=k, max_iter=iters, tol=0, n_factors=10, enhanced_top=top).fit(store)
+            res["seconds"] = t.seconds
             sampler.set_stage(None)
             res["timings"] = m.timings_
             res.update({k_: m.result_[k_] for k_ in ("n_cells", "n_peaks", "n_factors", "n_iter", "enhanced_nnz",
@@ -284,36 +251,25 @@ def scale_child(store: str, mode: str, out: str, k: int, iters: int, top: int) -
 
             E = atlas.read("obsm/X_sccase_pca")
             res["kmeans_ari"] = ari(y, KMeans(10, n_init=5, random_state=0).fit_predict(E))
-            res["status"] = "ok"
-    except Exception as exc:  # recorded: where a mode stops is a result
-        res["status"] = f"{type(exc).__name__}: {exc}"
-    sampler.stop()
-    res["peak_rss_max_process_gib"] = max((v["peak_rss"] for v in sampler.per_process.values()), default=0) / GIB
-    roles: dict = {}
-    for v in sampler.per_process.values():  # which process peaked: the client or a worker
-        roles[v["role"]] = max(roles.get(v["role"], 0), v["peak_rss"] / GIB)
-    res["peak_rss_by_role_gib"] = roles
-    res["peak_rss_tree_gib"] = max(sampler.stage_tree.values(), default=0) / GIB
-    Path(out).write_text(json.dumps(res, indent=1, default=float))
+    # which process peaked (by role): the client or a worker
+    figures = sampler.figures_gib()
+    res.update({k_: figures[k_] for k_ in ("peak_rss_max_process_gib", "peak_rss_by_role_gib", "peak_rss_tree_gib")})
+    write_json(out, res)
 
 
 def scale(sizes, k: int = 30, iters: int = 5, top: int = 500, modes=("atlas", "exact"), peer: bool = True) -> None:
-    from bench_scaling import ensure_atlas
-
     WORK.mkdir(parents=True, exist_ok=True)
-    scratch = Path(os.environ.get("SCATAC_BENCH_SCRATCH", HERE / "work"))
-    res = _load().get("scale", {})
+    res = RESULTS_FILE.load().get("scale", {})
     for n in sizes:
-        store = ensure_atlas(n, scratch)
+        store = ensure_atlas(n, scratch())
         for mode in modes:
             out = WORK / f"scale_{n}_{mode}.json"
-            subprocess.run([sys.executable, __file__, "scale-child", str(store), mode, str(out), str(k), str(iters),
-                            str(top)], check=False)
-            r = json.loads(out.read_text()) if out.exists() else {"status": "no result"}
+            r = run_child([sys.executable, __file__, "scale-child", str(store), mode, str(out), str(k), str(iters),
+                           str(top)], out, missing="no result", wall_key=None)
             res[f"{n}_{mode}"] = r
             print(n, mode, r.get("status"), r.get("seconds"), r.get("peak_rss_max_process_gib"), r.get("kmeans_ari"),
                   flush=True)
-            _save("scale", res)
+            RESULTS_FILE.set_section("scale", res)
         if peer:
             import anndata as ad
 
@@ -325,7 +281,7 @@ def scale(sizes, k: int = 30, iters: int = 5, top: int = 500, modes=("atlas", "e
             res[f"{n}_peer"] = {k_: r.get(k_) for k_ in ("status", "subprocess_wall_s", "wall_s", "peak_rss_bytes",
                                                          "peak_rss_gib", "n_factors")}
             print(n, "peer", res[f"{n}_peer"], flush=True)
-            _save("scale", res)
+            RESULTS_FILE.set_section("scale", res)
 
 
 def main(argv=None) -> None:
@@ -351,7 +307,7 @@ def main(argv=None) -> None:
 
 
 def report() -> None:
-    res = _load()
+    res = RESULTS_FILE.load()
     lines = []
     q = res.get("quality", {})
     if q:
@@ -380,29 +336,21 @@ def report() -> None:
             lines.append(f"| {key} | {str(r.get('status'))[:60]} | {r.get('seconds') or r.get('subprocess_wall_s') or 0:.0f} "
                          f"| {spi} | {r.get('peak_rss_max_process_gib') or 0:.2f} | {r.get('peak_rss_tree_gib') or 0:.2f} "
                          f"| {format(r['kmeans_ari'], '.3f') if r.get('kmeans_ari') is not None else ''} |")
-    (RESULTS / "sccase.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    from results_md import replace_block
-
-    replace_block("sccase", "## scCASE (`python benchmarks/bench_sccase.py quality|dropout|scale`, then `report`)\n\n"
-                  "Quality: k-means (k = labels) and Leiden searched to k, on the representation named; `peer` is "
-                  "the authors' scCASE 0.2.5 run here with its defaults, its enhanced matrix put through our "
-                  "representation (TF-IDF, L2, 50 PCs); `raw` is that representation of the input. Dropout: "
-                  "20% of non-zeros dropped, scored against 10x as many true zeros. Scale: synthetic atlases "
-                  "(100k peaks, 10 types), K = 10, k = 30, 5 iterations, 2 workers, enhanced matrix kept to each "
-                  "cell's top 500 entries.\n\n" + "\n".join(lines))
+    publish("sccase", "## scCASE (`python benchmarks/bench_sccase.py quality|dropout|scale`, then `report`)\n\n"
+            "Quality: k-means (k = labels) and Leiden searched to k, on the representation named; `peer` is "
+            "the authors' scCASE 0.2.5 run here with its defaults, its enhanced matrix put through our "
+            "representation (TF-IDF, L2, 50 PCs); `raw` is that representation of the input. Dropout: "
+            "20% of non-zeros dropped, scored against 10x as many true zeros. Scale: synthetic atlases "
+            "(100k peaks, 10 types), K = 10, k = 30, 5 iterations, 2 workers, enhanced matrix kept to each "
+            "cell's top 500 entries.\n\n", lines, md=RESULTS / "sccase.md")
     _plot(res)
 
 
 def _plot(res: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     q = res.get("quality", {})
     if not q:
         return
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     keys = ("ours_atlas", "ours_exact", "peer", "raw")
     for ax, metric in zip(axes, ("kmeans_ari", "leiden_ari")):
@@ -412,8 +360,7 @@ def _plot(res: dict) -> None:
         ax.set_xticks(np.arange(len(q)) + 0.3, list(q))
         ax.set_title(metric)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(RESULTS / "sccase.png", dpi=120)
+    plots.save(fig, RESULTS / "sccase.png", dpi=120, tight=True)
 
 
 if __name__ == "__main__":

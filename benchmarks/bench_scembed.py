@@ -1,5 +1,5 @@
 """scEmbed benchmarks (issue 6). Every run is a child process whose whole process tree is
-sampled for RSS (``bench_scaling.ProcessSampler``); results go to ``results/scembed.json``.
+sampled for RSS (``harness.memory.TreeSampler``); results go to ``results/scembed.json``.
 
 Sections:
 
@@ -29,37 +29,26 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-RESULTS = HERE / "results"
-WORK = HERE / "work" / "scembed"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import RESULTS, plots
+from harness import WORK as BENCH_WORK
+from harness.children import local_cluster, recorded
+from harness.memory import TreeSampler
+from harness.procs import run_spec_child
+from harness.report import publish
+from harness.results import ResultsFile, write_json
+from harness.stores import DATASETS, copy_store, ingest_dataset, root_obs, synth_path
+from harness.timing import Timer
+
+WORK = BENCH_WORK / "scembed"
 OUT = RESULTS / "scembed.json"
-GIB = 2 ** 30
+RESULTS_FILE = ResultsFile(OUT)
 SNAPATAC2 = {"leukemia": 0.510, "bm0828": 0.435}  # k-means ARI measured beforehand (issue 6)
-
-
-def _load() -> dict:
-    return json.loads(OUT.read_text()) if OUT.exists() else {}
-
-
-def _save(section: str, key: str, value) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    res = _load()
-    res.setdefault(section, {})[key] = value
-    tmp = OUT.with_suffix(".tmp")
-    tmp.write_text(json.dumps(res, indent=1, default=float))
-    os.replace(tmp, OUT)
-
-
-def _scratch() -> Path:
-    return Path(os.environ.get("SCATAC_BENCH_SCRATCH", HERE / "work"))
 
 
 # --------------------------------------------------------------------------- one run, in a child
@@ -90,10 +79,8 @@ def _child_transfer(spec, sampler) -> dict:
     from scatac_dist.models import SCEMBED
 
     ref, query, key, k = sd.open_atlas(spec["ref"]), sd.open_atlas(spec["query"]), spec["labels_key"], spec["k"]
-    sampler.set_stage("train")
-    t = time.perf_counter()
-    m = SCEMBED(progress=False, labels_key=key, **spec["params"]).fit(ref)
-    train_s = time.perf_counter() - t
+    with sampler.timed_stage("train") as train:
+        m = SCEMBED(progress=False, labels_key=key, **spec["params"]).fit(ref)
     m.save(spec["model"])
     m = SCEMBED.load(spec["model"])  # annotate from the bundle alone
     # the cluster vote at Leiden resolution 1 (the earlier default), from the same cell votes;
@@ -101,10 +88,8 @@ def _child_transfer(spec, sampler) -> dict:
     truth = query.obs[key].astype(str).to_numpy()
     res1 = m.annotate(query, k=k, resolution=1.0)
     f1_res1 = f1_score(truth, query.obs["scembed_label"].astype(str), average="macro")
-    sampler.set_stage("annotate")
-    t = time.perf_counter()
-    summary = m.annotate(query, k=k)
-    annotate_s = time.perf_counter() - t
+    with sampler.timed_stage("annotate") as annotate:
+        summary = m.annotate(query, k=k)
     sampler.set_stage(None)
     obs = query.obs
     f1 = f1_score(truth, obs["scembed_label"].astype(str), average="macro")
@@ -118,7 +103,7 @@ def _child_transfer(spec, sampler) -> dict:
             "macro_f1_transfer_resolution1": f1_res1, "n_clusters_resolution1": res1["n_clusters"],
             "n_ref_cells": int(ref.n_obs), "n_query_cells": int(query.n_obs), "n_ref_peaks": int(ref.n_vars),
             "n_query_peaks": int(query.n_vars), "annotate": summary, "train": m.train_summary_,
-            "train_seconds": train_s, "annotate_seconds": annotate_s}
+            "train_seconds": train.seconds, "annotate_seconds": annotate.seconds}
 
 
 def _child_train(spec, sampler) -> dict:
@@ -128,12 +113,10 @@ def _child_train(spec, sampler) -> dict:
     atlas = sd.open_atlas(spec["store"])
     sampler.set_stage("train")
     m = SCEMBED(progress=False, **spec["params"]).fit(atlas, encode=False)
-    sampler.set_stage("encode")
-    t = time.perf_counter()
-    m.encode(atlas, umap=False)
-    encode_s = time.perf_counter() - t
+    with sampler.timed_stage("encode") as encode:
+        m.encode(atlas, umap=False)
     sampler.set_stage(None)
-    return {"train": m.train_summary_, "history": m.history_, "timings": m.timings_ | {"encode": encode_s}}
+    return {"train": m.train_summary_, "history": m.history_, "timings": m.timings_ | {"encode": encode.seconds}}
 
 
 def _child_kernel(spec, sampler) -> dict:
@@ -168,11 +151,11 @@ def _child_kernel(spec, sampler) -> dict:
             sampler.set_stage(f"kernel_{mode}")
             rates = []
             for e in range(spec["epochs"]):
-                t = time.perf_counter()
                 kw = {"corpus_file": str(path)} if mode == "file" else {"corpus_iterable": lists}
-                _, raw = w2v.train(**kw, total_words=n_words, epochs=1, start_alpha=p.epoch_alpha(e),
-                                   end_alpha=p.epoch_alpha(e + 1))
-                rates.append(raw / (time.perf_counter() - t))
+                with Timer() as t:
+                    _, raw = w2v.train(**kw, total_words=n_words, epochs=1, start_alpha=p.epoch_alpha(e),
+                                       end_alpha=p.epoch_alpha(e + 1))
+                rates.append(raw / t.seconds)
             out[f"{mode}_words_per_s"] = float(np.mean(rates))
     sampler.set_stage(None)
     out["ratio"] = out["file_words_per_s"] / out["iterable_words_per_s"]
@@ -180,48 +163,22 @@ def _child_kernel(spec, sampler) -> dict:
 
 
 def run_child(spec_path: str) -> None:
-    from bench_scaling import ProcessSampler
-    from distributed import Client, LocalCluster
-
     spec = json.loads(Path(spec_path).read_text())
-    sampler = ProcessSampler(os.getpid())
-    sampler.start()
     res = {"spec": spec}
-    try:
-        with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                          memory_limit="6GiB") as cluster, Client(cluster):
-            t = time.perf_counter()
+    # where a configuration stops is a result
+    with TreeSampler(os.getpid()) as sampler, recorded(res), local_cluster(2, 1, "6GiB"):
+        with Timer() as t:
             res.update({"quality": _child_quality, "transfer": _child_transfer, "train": _child_train,
                         "kernel": _child_kernel}[spec["kind"]](spec, sampler))
-            res["seconds"] = time.perf_counter() - t
-            res["status"] = "ok"
-    except Exception as exc:  # where a configuration stops is a result
-        import traceback
-
-        res["status"] = f"{type(exc).__name__}: {exc}"
-        res["traceback"] = traceback.format_exc()[-2000:]
-    sampler.stop()
-    procs = sampler.per_process.values()
-    roles = {}
-    for v in procs:
-        roles[v["role"]] = max(roles.get(v["role"], 0), v["peak_rss"] / GIB)
-    res["peak_rss_by_role_gib"] = roles
-    res["peak_rss_max_process_gib"] = max((v["peak_rss"] for v in procs), default=0) / GIB
-    res["peak_rss_tree_by_stage_gib"] = {k: v / GIB for k, v in sampler.stage_tree.items()}
-    res["peak_rss_max_process_by_stage_gib"] = {k: v / GIB for k, v in sampler.stage_max_proc.items()}
-    Path(spec["out"]).write_text(json.dumps(res, indent=1, default=float))
+        res["seconds"] = t.seconds
+    figures = sampler.figures_gib()
+    res.update({k: figures[k] for k in ("peak_rss_by_role_gib", "peak_rss_max_process_gib",
+                                        "peak_rss_tree_by_stage_gib", "peak_rss_max_process_by_stage_gib")})
+    write_json(spec["out"], res)
 
 
 def _run(name: str, spec: dict) -> dict:
-    WORK.mkdir(parents=True, exist_ok=True)
-    spec = spec | {"out": str(WORK / f"{name}.json")}
-    sp = WORK / f"{name}.spec.json"
-    sp.write_text(json.dumps(spec))
-    t = time.perf_counter()
-    subprocess.run([sys.executable, __file__, "child", str(sp)], check=False)
-    out = Path(spec["out"])
-    res = json.loads(out.read_text()) if out.exists() else {"status": "no result (child crashed)"}
-    res["subprocess_wall_s"] = time.perf_counter() - t
+    res = run_spec_child(__file__, WORK, name, spec)
     print(name, res.get("status"), {k: res.get(k) for k in ("kmeans_ari", "leiden_ari", "ratio", "seconds")},
           (res.get("train") or {}).get("words_per_s"), flush=True)
     return res
@@ -230,25 +187,9 @@ def _run(name: str, spec: dict) -> dict:
 # --------------------------------------------------------------------------- sections
 
 
-def _ingest(name: str) -> Path:
-    from bench_quality import DATASETS
-
-    import scatac_dist as sd
-
-    store = WORK / f"{name}.zarr"
-    if not store.exists():
-        spec = DATASETS[name]
-        client = sd.get_client(n_workers=2, dashboard_address=":0")
-        sd.ingest(spec["inputs"], store, labels=spec["labels"], client=client, progress=False)
-        client.close()
-    return store
-
-
 def quality(sets, epochs, seeds, sg: int = 0, min_count: int | None = None) -> None:
-    from bench_quality import DATASETS
-
     for name in sets:
-        store = _ingest(name)
+        store = ingest_dataset(name, WORK, reuse=True)
         for ep in epochs:
             for seed in seeds:
                 key = (f"{name}_e{ep}_seed{seed}" + ("_skipgram" if sg else "")
@@ -259,13 +200,12 @@ def quality(sets, epochs, seeds, sg: int = 0, min_count: int | None = None) -> N
                 res = _run(key, {"kind": "quality", "store": str(store), "labels_key": DATASETS[name]["key"],
                                  "params": params})
                 res["snapatac2_kmeans_ari"] = SNAPATAC2.get(name)
-                _save("quality", key, res)
+                RESULTS_FILE.set_entry("quality", key, res)
 
 
 def _halves(name: str, seed: int = 0) -> tuple[Path, Path]:
     """Stratified halves of a labelled set (``Mis`` dropped); the second with re-called peaks."""
     import anndata as ad
-    from bench_quality import DATASETS
     from sklearn.model_selection import train_test_split
 
     import scatac_dist as sd
@@ -274,15 +214,12 @@ def _halves(name: str, seed: int = 0) -> tuple[Path, Path]:
     ref, query = WORK / f"{name}_ref.zarr", WORK / f"{name}_query.zarr"
     if ref.exists() and query.exists():
         return ref, query
-    import zarr
-    from anndata.io import read_elem
-
     key = DATASETS[name]["key"]
-    store = _ingest(name)
+    store = ingest_dataset(name, WORK, reuse=True)
     full = sd.open_atlas(store).to_memory()
     if full.obs.get(key) is None:
         # a 10x .h5 of joint RNA+ATAC is a MuData store: the joined labels live in its root obs
-        full.obs = read_elem(zarr.open_group(str(store), mode="r")["obs"]).loc[full.obs_names]
+        full.obs = root_obs(store).loc[full.obs_names]
     y = full.obs[key].astype(str).to_numpy()
     ok = np.flatnonzero((y != "Mis") & (y != "nan"))
     a, b = train_test_split(ok, test_size=0.5, stratify=y[ok], random_state=seed)
@@ -301,55 +238,45 @@ def _halves(name: str, seed: int = 0) -> tuple[Path, Path]:
 
 
 def transfer(name: str, epochs: int, k: int, min_count: int | None) -> None:
-    from bench_quality import DATASETS
-
     ref, query = _halves(name)
     key = f"{name}_e{epochs}_k{k}" + (f"_min{min_count}" if min_count is not None else "")
     params = {"epochs": epochs} | ({"min_count": min_count} if min_count is not None else {})
     res = _run(f"transfer_{key}", {"kind": "transfer", "ref": str(ref), "query": str(query),
                                    "labels_key": DATASETS[name]["key"], "k": k,
                                    "model": str(WORK / f"{name}_model"), "params": params})
-    _save("transfer", key, res)
-
-
-def _copy(store: Path, name: str) -> Path:
-    """Training writes obsm into the store: work on a copy of small stores."""
-    target = WORK / f"{name}.zarr"
-    shutil.rmtree(target, ignore_errors=True)
-    shutil.copytree(store, target)
-    return target
+    RESULTS_FILE.set_entry("transfer", key, res)
 
 
 def throughput(store: Path, epochs: int, workers: int, tag: str) -> None:
-    target = _copy(store, f"tp_{tag}")
+    target = copy_store(store, WORK / f"tp_{tag}.zarr")  # training writes obsm into the store: work on a copy
     out = {}
     for corpus in ("file", "iterable"):
         out[corpus] = _run(f"tp_{tag}_{corpus}", {"kind": "train", "store": str(target),
                                                    "params": {"epochs": epochs, "corpus": corpus,
                                                               "workers": workers, "umap": False}})
-        _save("throughput", f"{tag}_{corpus}_w{workers}", out[corpus])
+        RESULTS_FILE.set_entry("throughput", f"{tag}_{corpus}_w{workers}", out[corpus])
     shutil.rmtree(target, ignore_errors=True)
     # reads only: the original store will do
     kern = _run(f"tp_{tag}_kernel", {"kind": "kernel", "store": str(store), "epochs": epochs, "workers": workers})
-    _save("throughput", f"{tag}_kernel_w{workers}", kern)
+    RESULTS_FILE.set_entry("throughput", f"{tag}_kernel_w{workers}", kern)
     f, it = (out[c].get("train") or {} for c in ("file", "iterable"))
     if f and it:
-        _save("throughput", f"{tag}_ratio_w{workers}", {
+        RESULTS_FILE.set_entry("throughput", f"{tag}_ratio_w{workers}", {
             "train_words_per_s_ratio": f["train_words_per_s"] / it["train_words_per_s"],
             "end_to_end_words_per_s_ratio": f["words_per_s"] / it["words_per_s"], "target": 1.5})
 
 
 def epoch(sizes, epochs: int) -> None:
     for n in sizes:
-        store = _scratch() / f"synth_{n // 1000}k.zarr"
+        store = synth_path(n)
         res = _run(f"epoch_{n}", {"kind": "train", "store": str(store),
                                   "params": {"epochs": epochs, "corpus": "file", "umap": False}})
         res["n_cells"] = n
-        _save("epoch", str(n), res)
+        RESULTS_FILE.set_entry("epoch", str(n), res)
 
 
 def report() -> None:
-    res = _load()
+    res = RESULTS_FILE.load()
     lines = []
     q = res.get("quality", {})
     if q:
@@ -410,25 +337,17 @@ def report() -> None:
                          f"| {tm.get('encode', 0):.0f} | {(r.get('peak_rss_max_process_by_stage_gib') or {}).get('train', 0):.2f} "
                          f"| {(r.get('peak_rss_by_role_gib') or {}).get('worker', 0):.2f} "
                          f"| {(r.get('peak_rss_tree_by_stage_gib') or {}).get('train', 0):.2f} |")
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "scembed.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    from results_md import replace_block
-
-    replace_block("scembed", "## scEmbed (`python benchmarks/bench_scembed.py quality|transfer|throughput|epoch`, "
-                  "then `report`)\n\n2 Dask workers and 2 gensim threads on this 2-core machine. Quality: k = number of "
-                  "labels, k-means (n_init 20) and Leiden searched to k on `obsm['X_scembed']` (protocol of "
-                  "`bench_quality.py`, seed 0). Transfer: SNARE halves, the query's peaks re-called "
-                  "(`datasets.repeak`). Throughput and epochs: synthetic stores of 100k peaks.\n\n" + "\n".join(lines))
+    publish("scembed", "## scEmbed (`python benchmarks/bench_scembed.py quality|transfer|throughput|epoch`, "
+            "then `report`)\n\n2 Dask workers and 2 gensim threads on this 2-core machine. Quality: k = number of "
+            "labels, k-means (n_init 20) and Leiden searched to k on `obsm['X_scembed']` (protocol of "
+            "`bench_quality.py`, seed 0). Transfer: SNARE halves, the query's peaks re-called "
+            "(`datasets.repeak`). Throughput and epochs: synthetic stores of 100k peaks.\n\n", lines,
+            md=RESULTS / "scembed.md")
     _plot(res)
 
 
 def _plot(res: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = plots.pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
     q = res.get("quality", {})
     for name in ("bm0828", "leukemia"):
@@ -462,8 +381,7 @@ def _plot(res: dict) -> None:
         axes[2].set_xlabel("cells")
         axes[2].set_ylabel("peak RSS, GiB")
         axes[2].legend()
-    fig.tight_layout()
-    fig.savefig(RESULTS / "scembed.png", dpi=120)
+    plots.save(fig, RESULTS / "scembed.png", dpi=120, tight=True)
 
 
 def main(argv=None) -> None:
@@ -476,7 +394,7 @@ def main(argv=None) -> None:
     q.add_argument("--sg", type=int, default=0, help="1: skip-gram instead of CBOW")
     q.add_argument("--min-count", type=int, help="vocabulary threshold (default: the model's)")
     t = sub.add_parser("transfer")
-    t.add_argument("--sets", nargs="+", default=["snare"], help="labelled sets to split (bench_quality.DATASETS)")
+    t.add_argument("--sets", nargs="+", default=["snare"], help="labelled sets to split (harness.stores.DATASETS)")
     t.add_argument("--epochs", type=int, default=100)
     t.add_argument("--k", type=int, default=15)
     t.add_argument("--min-count", type=int, help="vocabulary threshold (default: the model's)")
@@ -498,7 +416,7 @@ def main(argv=None) -> None:
         for name in a.sets:
             transfer(name, a.epochs, a.k, a.min_count)
     elif a.cmd == "throughput":
-        throughput(a.store or _scratch() / "synth_10k.zarr", a.epochs, a.workers, a.tag)
+        throughput(a.store or synth_path(10_000), a.epochs, a.workers, a.tag)
     elif a.cmd == "epoch":
         epoch(a.sizes, a.epochs)
     elif a.cmd == "child":

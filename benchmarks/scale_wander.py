@@ -22,8 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import RESULTS, WORK
+from harness.results import write_json
 
 
 def _far_cells(E: np.ndarray, open_peaks: np.ndarray, k: int) -> dict:
@@ -47,16 +48,16 @@ def main(argv=None) -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("seed", type=int)
-    ap.add_argument("--store", type=Path, default=HERE / "work" / "sccase" / "bm0828.zarr",
+    ap.add_argument("--store", type=Path, default=WORK / "sccase" / "bm0828.zarr",
                     help="an ingested quality store (bench_sccase.py makes it)")
     ap.add_argument("--labels-key", default="celltype")
     ap.add_argument("--paper-decoder", action="store_true", help="SCALE(depth_offset=False)")
     a = ap.parse_args(argv)
     name = a.store.stem
     tag = f"{name}_s{a.seed}" + ("" if a.paper_decoder else "_offset")
-    work = HERE / "work" / "wander" / tag
+    work = WORK / "wander" / tag
     work.mkdir(parents=True, exist_ok=True)
-    out = HERE / "results" / "scale_wander" / f"{tag}.json"
+    out = RESULTS / "scale_wander" / f"{tag}.json"
     atlas = sd.open_atlas(a.store)
     y_all = atlas.obs[a.labels_key].astype(str).to_numpy()
     k = len(np.unique(y_all))
@@ -92,10 +93,7 @@ def main(argv=None) -> None:
         r = protocol(Es, y_all[cells])
         r["step"] = f"lavg_{stages[lo]}_{stages[-1]}"
         rows.append(r)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(rows, indent=1, default=float))
-    tmp.replace(out)
+    write_json(out, rows)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,7 @@ arguments and results through unchanged and also record the K estimated, the pea
 the ``Lambda`` passed to the model.
 
 Memory (``memory``): the RSS of this process and its children, sampled every 0.1 s by a
-psutil thread (``peak_rss_bytes``, and per part of the call), with ``resource.getrusage``
+psutil thread (``harness.memory.TreeSampler``: ``peak_rss_bytes``, and per part of the call), with ``resource.getrusage``
 ``ru_maxrss`` (self and children) as a cross-check; ``baseline_rss_bytes`` is the RSS after
 the imports. NumPy and BLAS release the GIL, so the sampler keeps running during the
 package's dense algebra; ``sampler_max_gap_s`` says how long its longest stall was.
@@ -117,7 +117,6 @@ import ast
 import datetime as _dt
 import functools
 import inspect
-import json
 import os
 import platform
 import resource
@@ -134,6 +133,13 @@ from typing import Any
 import numpy as np
 import psutil
 
+# benchmarks/harness: only its modules that import the standard library and psutil (this runs
+# under the scCASE virtualenv: numpy 1.26, psutil 5.9, no scatac_dist)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness.environment import signature_defaults, versions
+from harness.memory import TreeSampler, ru_maxrss_bytes
+from harness.results import jsonable, write_json
+
 SCRIPT = Path(__file__).resolve()
 RESULT_NAME = "result.json"
 METHODS = ("scCASE", "scCASER")
@@ -149,80 +155,34 @@ _PARTS = {"load_data": "load_data", "select_peak": "select_peak", "tfidf": "tfid
 # --------------------------------------------------------------------------- memory
 
 
-def _tree_rss(proc: psutil.Process, cmdline: list[str] | None = None) -> int:
-    """Sum of the RSS of ``proc`` and its live descendants, in bytes.
+class MemoryWatch(TreeSampler):
+    """The process tree's RSS every ``interval`` s, peak overall and per part (a
+    :class:`~harness.memory.TreeSampler` of this process that skips its own forks, see
+    ``skip_forks``), and a watchdog.
 
-    A descendant with ``proc``'s own command line is a fork that has not exec'd yet (loky
-    forks this process to run ``lscpu``): its pages are this process's, shared copy-on-write,
-    and counting them would double the figure for an instant, so it is skipped.
-    """
-    try:
-        rss = proc.memory_info().rss
-        children = proc.children(recursive=True)
-    except psutil.Error:
-        return 0
-    for p in children:
-        try:
-            if cmdline is not None and p.cmdline() == cmdline:
-                continue
-            rss += p.memory_info().rss
-        except psutil.Error:
-            continue
-    return rss
-
-
-class MemoryWatch(threading.Thread):
-    """Daemon thread: process-tree RSS every ``interval`` s, peak overall and per part.
-
-    With ``limit_bytes`` set, a sample above it calls ``on_limit(rss)`` once (from this thread).
+    With ``limit_bytes`` set, a sample above it calls ``on_limit(rss)`` once (from the sampler
+    thread). ``signal_fd``: signals written there (``signal.set_wakeup_fd``) are handed to
+    ``on_signal(signum)`` by the sampler thread.
     """
 
     def __init__(self, interval: float = 0.1, limit_bytes: int | None = None, on_limit: Any = None,
                  signal_fd: int | None = None, on_signal: Any = None) -> None:
-        super().__init__(name="sccase-rss", daemon=True)
-        self._proc = psutil.Process()
-        self._cmdline = self._proc.cmdline()
-        self.interval = interval
+        super().__init__(interval=interval, skip_forks=True, name="sccase-rss")
         self.limit_bytes = limit_bytes
         self._on_limit = on_limit
-        self._done = threading.Event()
-        self._lock = threading.Lock()
-        self.part: str | None = None
-        self.peak = 0
-        self.part_peaks: dict[str, int] = {}
-        self.n_samples = 0
-        self.max_gap = 0.0
-        self._t_last = time.perf_counter()
         self._fired = False
         self._signal_fd = signal_fd
         self._on_signal = on_signal
 
-    def take(self) -> int:
-        rss = _tree_rss(self._proc, self._cmdline)
-        now = time.perf_counter()
+    def sample(self) -> int:
+        rss = super().sample()
         with self._lock:
-            self.max_gap = max(self.max_gap, now - self._t_last)
-            self._t_last = now
-            self.n_samples += 1
-            if rss > self.peak:
-                self.peak = rss
-            if self.part is not None and rss > self.part_peaks.get(self.part, 0):
-                self.part_peaks[self.part] = rss
             fire = self.limit_bytes is not None and rss > self.limit_bytes and not self._fired
             if fire:
                 self._fired = True
         if fire and self._on_limit is not None:
             self._on_limit(rss)
         return rss
-
-    def enter(self, part: str | None) -> str | None:
-        """Sample, switch to ``part``, sample again; return the part left."""
-        self.take()
-        with self._lock:
-            previous, self.part = self.part, part
-        if part is not None:
-            self.take()
-        return previous
 
     def _check_signals(self) -> None:
         """Signals written to the wakeup fd by Python's C-level handler (from any thread, at once)."""
@@ -238,33 +198,21 @@ class MemoryWatch(threading.Thread):
         if data and self._on_signal is not None:
             self._on_signal(data[-1])
 
-    def run(self) -> None:
-        while not self._done.wait(self.interval):
-            self.take()
-            self._check_signals()
-
-    def stop(self) -> None:
-        self.enter(None)
-        self._done.set()
-        self.join(timeout=5)
+    def tick(self) -> None:
+        self.sample()
+        self._check_signals()
 
     def figures(self) -> dict[str, Any]:
         return {
             "peak_rss_bytes": int(self.peak),
-            "peak_rss_per_part_bytes": {k: int(v) for k, v in self.part_peaks.items()},
-            "ru_maxrss_self_bytes": _maxrss(resource.RUSAGE_SELF),
-            "ru_maxrss_children_bytes": _maxrss(resource.RUSAGE_CHILDREN),
+            "peak_rss_per_part_bytes": {k: int(v) for k, v in self.stage_peaks.items()},
+            "ru_maxrss_self_bytes": ru_maxrss_bytes(resource.RUSAGE_SELF),
+            "ru_maxrss_children_bytes": ru_maxrss_bytes(resource.RUSAGE_CHILDREN),
             "sampler_interval_s": self.interval,
             "sampler_n_samples": int(self.n_samples),
             "sampler_max_gap_s": round(self.max_gap, 3),
             "limit_bytes": self.limit_bytes,
         }
-
-
-def _maxrss(who: int) -> int:
-    """``getrusage(who).ru_maxrss`` in bytes (KiB on Linux, bytes on macOS)."""
-    v = resource.getrusage(who).ru_maxrss
-    return int(v) if sys.platform == "darwin" else int(v) * 1024
 
 
 # --------------------------------------------------------------------------- input
@@ -354,21 +302,8 @@ def parse_extra(items: Sequence[str] | None) -> dict[str, Any]:
     return out
 
 
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    if isinstance(v, dict):
-        return {str(k): _jsonable(x) for k, x in v.items()}
-    return repr(v)
-
-
 def _defaults(func: Any) -> dict[str, Any]:
-    sig = inspect.signature(func)
-    return {k: _jsonable(p.default) for k, p in sig.parameters.items() if p.default is not inspect.Parameter.empty}
+    return {k: jsonable(v) for k, v in signature_defaults(func).items()}
 
 
 def package_defaults(sccase: Any) -> dict[str, dict[str, Any]]:
@@ -382,8 +317,8 @@ def package_defaults(sccase: Any) -> dict[str, dict[str, Any]]:
     out = {name: _defaults(f) for name, f in funcs.items()}
     # Lambda_calculate(data, "p") for scCASE, (data, "r") for scCASER; it reads only data.shape
     stand_in = np.zeros((1, 1), dtype=np.float32)
-    out["Lambda_calculate"] = {"scCASE": _jsonable(main.Lambda_calculate(stand_in, "p")),
-                               "scCASER": _jsonable(main.Lambda_calculate(stand_in, "r"))}
+    out["Lambda_calculate"] = {"scCASE": jsonable(main.Lambda_calculate(stand_in, "p")),
+                               "scCASER": jsonable(main.Lambda_calculate(stand_in, "r"))}
     return out
 
 
@@ -423,7 +358,7 @@ class CallLog:
     def _wrap(self, name: str, part: str, func: Any) -> Any:
         @functools.wraps(func)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            previous = self.watch.enter(part)
+            previous = self.watch.set_stage(part)
             t = time.perf_counter()
             try:
                 out = func(*args, **kwargs)
@@ -431,7 +366,7 @@ class CallLog:
                 dt = time.perf_counter() - t
                 self.times[part] = self.times.get(part, 0.0) + dt
                 self.calls.append({"function": name, "seconds": round(dt, 4)})
-                self.watch.enter(previous)
+                self.watch.set_stage(previous)
             self._observe(name, args, kwargs, out)
             return out
 
@@ -450,23 +385,15 @@ class CallLog:
                 if k in ("X2", "X1"):
                     self.model_args[k + "_shape"] = list(getattr(v, "shape", ()))
                 elif v is None or isinstance(v, (int, float, str, bool, np.generic)):
-                    self.model_args[k] = _jsonable(v)
+                    self.model_args[k] = jsonable(v)
 
 
 # --------------------------------------------------------------------------- run
 
 
 def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("scCASE", "numpy", "scipy", "pandas", "anndata", "scanpy", "scikit-learn", "episcanpy",
-                 "louvain", "leidenalg", "igraph", "kneed", "numba", "h5py", "zarr", "psutil", "threadpoolctl"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
+    return versions(("scCASE", "numpy", "scipy", "pandas", "anndata", "scanpy", "scikit-learn", "episcanpy",
+                     "louvain", "leidenalg", "igraph", "kneed", "numba", "h5py", "zarr", "psutil", "threadpoolctl"))
 
 
 def _blas() -> list[dict[str, Any]]:
@@ -475,14 +402,7 @@ def _blas() -> list[dict[str, Any]]:
     except ImportError:
         return []
     keep = ("user_api", "internal_api", "version", "num_threads")
-    return [{k: _jsonable(d.get(k)) for k in keep} for d in threadpool_info()]
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".json.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2)
-    os.replace(tmp, path)
+    return [{k: jsonable(d.get(k)) for k in keep} for d in threadpool_info()]
 
 
 def _resolve_limit(max_rss_gib: float | None) -> tuple[int | None, str]:
@@ -563,7 +483,7 @@ def run_sccase(
         "started_at": started_at,
         "status": "running",
         "call": "scCASE.run(adata, **params)",
-        "params": _jsonable(given),
+        "params": jsonable(given),
         "input": {"path": str(Path(input_path).resolve())},
     }
     times: dict[str, float] = {}
@@ -585,20 +505,20 @@ def run_sccase(
                 result["peaks"] = {"n_input": int(calls.peak_mask.size), "n_kept": int(calls.peak_mask.sum())}
         _summary(result)
         try:
-            _write_json(result_file, result)
+            write_json(result_file, result, indent=2)
         finally:
             os._exit(exit_code)
 
     def on_limit(rss: int) -> None:
         abort(f"out of memory (RSS watchdog: process tree RSS {rss / 2**30:.2f} GiB above the "
-              f"{limit / 2**30:.2f} GiB limit, during {watch.part or 'setup'}; stopped)", 137, rss)
+              f"{limit / 2**30:.2f} GiB limit, during {watch.stage or 'setup'}; stopped)", 137, rss)
 
     def on_signal(signum: int) -> None:
         try:
             name = signal.Signals(signum).name
         except ValueError:
             name = f"signal {signum}"
-        abort(f"terminated ({name} during {watch.part or 'setup'})", 128 + signum)
+        abort(f"terminated ({name} during {watch.stage or 'setup'})", 128 + signum)
 
     limit, limit_source = _resolve_limit(max_rss_gib)
     result["memory_limit"] = {"bytes": limit, "source": limit_source}
@@ -606,16 +526,16 @@ def run_sccase(
     watch = MemoryWatch(limit_bytes=limit, on_limit=on_limit, signal_fd=signal_fd, on_signal=on_signal)
     calls: CallLog | None = None
     watch.start()
-    watch.enter("import")
+    watch.set_stage("import")
     t = time.perf_counter()
     import scCASE
     import scCASE.main as sccase_main
 
     times["import"] = time.perf_counter() - t
-    baseline = watch.take()
+    baseline = watch.sample()
     result["defaults"] = package_defaults(scCASE)
 
-    watch.enter("load")
+    watch.set_stage("load")
     t = time.perf_counter()
     adata, info = read_counts(input_path)
     times["load"] = time.perf_counter() - t
@@ -638,7 +558,7 @@ def run_sccase(
         result["times_s"] = {k: round(v, 4) for k, v in times.items()}
         result["memory"] = {**watch.figures(), "baseline_rss_bytes": int(baseline)}
         _summary(result)
-        _write_json(result_file, result)
+        write_json(result_file, result, indent=2)
         return result
 
     calls = CallLog(watch)
@@ -648,7 +568,7 @@ def run_sccase(
     shutil.rmtree(workdir, ignore_errors=True)
     workdir.mkdir()
     enhanced = None
-    watch.enter("sccase")
+    watch.set_stage("sccase")
     t = call_started["sccase"] = time.perf_counter()
     try:
         os.chdir(workdir)
@@ -680,7 +600,7 @@ def run_sccase(
         result["peaks"] = {
             "n_input": int(n_vars), "n_kept": int(kept.sum()), "n_dropped": int(dropped.size),
             "rule": "total count over cells >= threshold * n_cells (scCASE select_peak)",
-            "threshold": _jsonable(given.get("threshold", result["defaults"]["scCASE.run"]["threshold"])),
+            "threshold": jsonable(given.get("threshold", result["defaults"]["scCASE.run"]["threshold"])),
             "dropped_index": dropped.tolist() if dropped.size <= 5000 else None,
             "dropped_index_note": None if dropped.size <= 5000 else "more than 5000; compare var_names.txt",
         }
@@ -694,7 +614,7 @@ def run_sccase(
     if result["status"] == "ok":
         import scipy.sparse as sp
 
-        watch.enter("save")
+        watch.set_stage("save")
         t = time.perf_counter()
         x = enhanced.X
         if sp.issparse(x):
@@ -763,7 +683,7 @@ def run_sccase(
         "nice": os.nice(0),
         "host": platform.node(),
     }
-    _write_json(result_file, result)
+    write_json(result_file, result, indent=2)
     return result
 
 

@@ -44,7 +44,7 @@ h5ad, backed mode only), then ``select_features``, ``spectral``, ``knn``, ``leid
 imports included).
 
 Memory (``memory``): the RSS of this process and its children, sampled every 0.1 s by a
-psutil thread (``peak_rss_bytes``, and per step), with ``resource.getrusage`` ``ru_maxrss``
+psutil thread (``harness.memory.TreeSampler``: ``peak_rss_bytes``, and per step), with ``resource.getrusage`` ``ru_maxrss``
 (self and children) as a cross-check. ``baseline_rss_bytes`` is the RSS after the imports,
 before the input is opened. A C or Rust call that holds the GIL stalls the sampler thread
 (2.9.0's kd-tree ``knn`` does, 14-19 s at 30k cells); ``sampler_max_gap_s`` says how long
@@ -66,14 +66,15 @@ or from Python::
     res = run_snapatac2("data.h5ad", "out/snap", seed=0)
     emb = numpy.load(res["embedding_path"])
 
-Needs the ``bench`` extra (``pip install -e '.[bench]'``: snapatac2 2.9.0, hdf5plugin).
+Needs the ``bench`` extra (``pip install -e '.[bench]'``: snapatac2 2.9.0, hdf5plugin). Imports
+``benchmarks/harness`` (its process-tree sampler, launcher and JSON writer: standard library
+and psutil), never ``scatac_dist``.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import inspect
 import json
 import logging
 import os
@@ -82,7 +83,6 @@ import resource
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,6 +90,14 @@ from typing import Any
 
 import numpy as np
 import psutil
+
+# the harness, also when this file is imported as ``benchmarks.snapatac2_runner``
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness.environment import signature_defaults, versions
+from harness.memory import TreeSampler, ru_maxrss_bytes
+from harness.procs import run_measured
+from harness.results import jsonable, write_json
+from harness.stores import disk_bytes
 
 logger = logging.getLogger("scatac_dist.benchmarks.snapatac2_runner")
 
@@ -102,84 +110,6 @@ STEPS = ("select_features", "spectral", "knn", "leiden")
 DEFAULT_BACKED_MIN_NNZ = 100_000_000
 _THREAD_ENV = ("RAYON_NUM_THREADS", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                "NUMBA_NUM_THREADS", "POLARS_MAX_THREADS")
-
-
-# --------------------------------------------------------------------------- memory
-
-
-def _tree_rss(proc: psutil.Process) -> int:
-    """RSS of ``proc`` and all its descendants, in bytes (processes gone meanwhile skipped)."""
-    total = 0
-    try:
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    for p in procs:
-        try:
-            total += p.memory_info().rss
-        except psutil.Error:
-            pass
-    return total
-
-
-class RSSSampler(threading.Thread):
-    """Sample the RSS of a process tree every ``interval`` s; keep the peak overall and per step.
-
-    Parameters
-    ----------
-    pid
-        Root of the tree; this process by default.
-    interval
-        Seconds between samples.
-    """
-
-    def __init__(self, pid: int | None = None, interval: float = 0.1) -> None:
-        super().__init__(name="rss-sampler", daemon=True)
-        self._proc = psutil.Process(pid)
-        self.interval = interval
-        self._stop_evt = threading.Event()
-        self._lock = threading.Lock()
-        self.peak = 0
-        self.step: str | None = None
-        self.step_peaks: dict[str, int] = {}
-        self.n_samples = 0
-        self.max_gap = 0.0
-        self._last = time.perf_counter()
-
-    def sample(self) -> int:
-        rss = _tree_rss(self._proc)
-        now = time.perf_counter()
-        with self._lock:
-            self.max_gap = max(self.max_gap, now - self._last)
-            self._last = now
-            self.n_samples += 1
-            self.peak = max(self.peak, rss)
-            if self.step is not None:
-                self.step_peaks[self.step] = max(self.step_peaks.get(self.step, 0), rss)
-        return rss
-
-    def set_step(self, name: str | None) -> None:
-        """Close the current step (one last sample) and start ``name``."""
-        self.sample()
-        with self._lock:
-            self.step = name
-        if name is not None:
-            self.sample()
-
-    def run(self) -> None:
-        while not self._stop_evt.wait(self.interval):
-            self.sample()
-
-    def stop(self) -> None:
-        self.set_step(None)
-        self._stop_evt.set()
-        self.join(timeout=5)
-
-
-def _ru_maxrss_bytes(who: int) -> int:
-    """``ru_maxrss`` in bytes (Linux reports KiB, macOS bytes)."""
-    v = resource.getrusage(who).ru_maxrss
-    return int(v if sys.platform == "darwin" else v * 1024)
 
 
 # --------------------------------------------------------------------------- input
@@ -231,13 +161,7 @@ def input_info(path: str | os.PathLike) -> dict[str, Any]:
             n_obs, n_vars, nnz = _csr_group_info(f["X"], str(p))
         fmt = "h5ad"
     return {"path": str(p.resolve()), "format": fmt, "n_obs": n_obs, "n_vars": n_vars, "nnz": nnz,
-            "bytes_on_disk": _disk_bytes(p)}
-
-
-def _disk_bytes(p: Path) -> int:
-    if p.is_file():
-        return p.stat().st_size
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+            "bytes_on_disk": disk_bytes(p)}
 
 
 def zarr_to_h5ad(src: str | os.PathLike, dst: str | os.PathLike, *, nnz_per_block: int = 20_000_000) -> Path:
@@ -295,27 +219,12 @@ def _load_memory(path: Path, fmt: str) -> Any:
 # --------------------------------------------------------------------------- pipeline
 
 
-def _defaults(func: Any) -> dict[str, Any]:
-    return {k: v.default for k, v in inspect.signature(func).parameters.items()
-            if v.default is not inspect.Parameter.empty}
-
-
-def _jsonable(v: Any) -> Any:
-    if isinstance(v, (str, int, float, bool)) or v is None:
-        return v
-    if isinstance(v, np.generic):
-        return v.item()
-    if isinstance(v, (list, tuple)):
-        return [_jsonable(x) for x in v]
-    return repr(v)
-
-
 def _effective(func: Any, given: dict[str, Any]) -> dict[str, Any]:
     """SnapATAC2's defaults for ``func`` overlaid with what we pass (minus the data/inplace)."""
-    eff = {**_defaults(func), **given}
+    eff = {**signature_defaults(func), **given}
     for k in ("inplace", "features", "verbose"):
         eff.pop(k, None)
-    return {k: _jsonable(v) for k, v in eff.items()}
+    return {k: jsonable(v) for k, v in eff.items()}
 
 
 def run_pipeline(
@@ -342,9 +251,9 @@ def run_pipeline(
         raise ValueError(f"mode={mode!r}; valid values: {', '.join(MODES)}")
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
-    sampler = RSSSampler()
+    sampler = TreeSampler(interval=0.1)
     sampler.start()
-    sampler.set_step("imports")
+    sampler.set_stage("imports")
 
     import hdf5plugin  # noqa: F401  (before anything opens a SnapATAC2-written file)
     import snapatac2 as snap
@@ -374,42 +283,28 @@ def run_pipeline(
 
     adata = None
     try:
+        # each step is a stage of the sampler (its peak RSS) and timed into ``times``
         if mode == "backed" and info["format"] == "zarr":
-            sampler.set_step("convert")
-            t = time.perf_counter()
-            sdir = Path(scratch) if scratch is not None else outdir / "_scratch"
-            scratch_file = zarr_to_h5ad(src, sdir / (src.stem + ".h5ad"))
-            times["convert"] = time.perf_counter() - t
+            with sampler.timed_stage("convert", times):
+                sdir = Path(scratch) if scratch is not None else outdir / "_scratch"
+                scratch_file = zarr_to_h5ad(src, sdir / (src.stem + ".h5ad"))
 
-        sampler.set_step("load")
-        t = time.perf_counter()
-        if mode == "backed":
-            adata = snap.read(scratch_file or src, backed="r")
-        else:
-            adata = _load_memory(src, info["format"])
-        times["load"] = time.perf_counter() - t
+        with sampler.timed_stage("load", times):
+            if mode == "backed":
+                adata = snap.read(scratch_file or src, backed="r")
+            else:
+                adata = _load_memory(src, info["format"])
         obs_names = list(adata.obs_names)
 
-        sampler.set_step("select_features")
-        t = time.perf_counter()
-        selected = snap.pp.select_features(adata, inplace=False, **sel_kw)
-        times["select_features"] = time.perf_counter() - t
-
-        sampler.set_step("spectral")
-        t = time.perf_counter()
-        evals, emb = snap.tl.spectral(adata, features=selected, inplace=False, **spec_kw)
-        times["spectral"] = time.perf_counter() - t
-
-        sampler.set_step("knn")
-        t = time.perf_counter()
-        graph = snap.pp.knn(emb, inplace=False, **knn_kw)
-        times["knn"] = time.perf_counter() - t
-
-        sampler.set_step("leiden")
-        t = time.perf_counter()
-        labels = snap.tl.leiden(graph, inplace=False, **leiden_kw)
-        times["leiden"] = time.perf_counter() - t
-        sampler.set_step("write")
+        with sampler.timed_stage("select_features", times):
+            selected = snap.pp.select_features(adata, inplace=False, **sel_kw)
+        with sampler.timed_stage("spectral", times):
+            evals, emb = snap.tl.spectral(adata, features=selected, inplace=False, **spec_kw)
+        with sampler.timed_stage("knn", times):
+            graph = snap.pp.knn(emb, inplace=False, **knn_kw)
+        with sampler.timed_stage("leiden", times):
+            labels = snap.tl.leiden(graph, inplace=False, **leiden_kw)
+        sampler.set_stage("write")
     finally:
         if adata is not None and mode == "backed":
             adata.close()
@@ -453,10 +348,10 @@ def run_pipeline(
         "times_s": {k: round(v, 4) for k, v in times.items()},
         "memory": {
             "peak_rss_bytes": int(sampler.peak),
-            "peak_rss_per_step_bytes": {k: int(v) for k, v in sampler.step_peaks.items()},
+            "peak_rss_per_step_bytes": {k: int(v) for k, v in sampler.stage_peaks.items()},
             "baseline_rss_bytes": int(baseline_rss),
-            "ru_maxrss_self_bytes": _ru_maxrss_bytes(resource.RUSAGE_SELF),
-            "ru_maxrss_children_bytes": _ru_maxrss_bytes(resource.RUSAGE_CHILDREN),
+            "ru_maxrss_self_bytes": ru_maxrss_bytes(resource.RUSAGE_SELF),
+            "ru_maxrss_children_bytes": ru_maxrss_bytes(resource.RUSAGE_CHILDREN),
             "sampler_interval_s": sampler.interval,
             "sampler_n_samples": int(sampler.n_samples),
             "sampler_max_gap_s": round(sampler.max_gap, 3),
@@ -466,28 +361,16 @@ def run_pipeline(
         "labels_path": str((outdir / "leiden.tsv").resolve()),
         "environment": {
             "snapatac2": snap.__version__,
-            "versions": _versions(),
+            "versions": versions(("anndata", "numpy", "scipy", "pandas", "h5py", "hdf5plugin", "zarr", "igraph",
+                                  "psutil")),
             "python": platform.python_version(),
             "cpu_count": os.cpu_count(),
             "threads_env": {k: os.environ[k] for k in _THREAD_ENV if k in os.environ},
             "host": platform.node(),
         },
     }
-    with open(outdir / RESULT_NAME, "w") as fh:
-        json.dump(result, fh, indent=2)
+    write_json(outdir / RESULT_NAME, result, indent=2)
     return result
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("anndata", "numpy", "scipy", "pandas", "h5py", "hdf5plugin", "zarr", "igraph", "psutil"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 # --------------------------------------------------------------------------- subprocess API
@@ -562,41 +445,22 @@ def run_snapatac2(
     result_file = outdir / RESULT_NAME
     result_file.unlink(missing_ok=True)
     log = outdir / "snapatac2_runner.log"
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=child_env)
-        sampler = RSSSampler(proc.pid, interval=sample_interval)
-        sampler.start()
-        over = False
-        try:
-            while True:
-                try:
-                    rc = proc.wait(timeout=1.0)
-                    break
-                except subprocess.TimeoutExpired:
-                    if timeout is not None and time.perf_counter() - t0 > timeout:
-                        proc.kill()
-                        proc.wait()
-                        raise subprocess.TimeoutExpired(cmd, timeout) from None
-                    if max_rss_bytes is not None and sampler.peak > max_rss_bytes:
-                        over = True
-                        proc.kill()
-                        rc = proc.wait()
-                        break
-        finally:
-            sampler.stop()
-    if over:
+    m = run_measured(cmd, log=log, env=child_env, interval=sample_interval, timeout=timeout,
+                     max_rss_bytes=max_rss_bytes)
+    rc = m.returncode
+    if m.stopped == "timeout":
+        raise subprocess.TimeoutExpired(cmd, timeout)
+    if m.stopped == "memory":
         raise subprocess.CalledProcessError(
             rc, cmd, output=None,
-            stderr=f"stopped: process tree RSS {sampler.peak / 2**30:.1f} GiB exceeded the "
+            stderr=f"stopped: process tree RSS {m.peak_rss_tree / 2**30:.1f} GiB exceeded the "
                    f"{max_rss_bytes / 2**30:.1f} GiB limit")
-    wall = time.perf_counter() - t0
     if rc != 0 or not result_file.exists():
         tail = log.read_text(errors="replace")[-4000:]
         raise subprocess.CalledProcessError(rc, cmd, output=None, stderr=tail)
     result = json.loads(result_file.read_text())
-    result["subprocess_wall_s"] = round(wall, 4)
-    result["memory"]["peak_rss_external_bytes"] = int(sampler.peak)
+    result["subprocess_wall_s"] = round(m.wall_s, 4)
+    result["memory"]["peak_rss_external_bytes"] = int(m.peak_rss_tree)
     result["log_path"] = str(log.resolve())
     return result
 

@@ -1,0 +1,113 @@
+"""The benchmarks' inputs: the three real sets, ingested fresh, and the synthetic atlases,
+generated once and reused, under ``benchmarks/work`` (synthetic ones: ``$SCATAC_BENCH_SCRATCH``
+where set)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+from . import BENCH, WORK
+from .timing import Timer
+
+DATA = BENCH.parent.parent / "shared" / "data"
+
+#: the real sets: input, label file (None: the labels are in the input), label column
+DATASETS = {
+    "bm0828": dict(inputs=DATA / "buenrostro2018_bm0828" / "filtered_peak_bc_matrix",
+                   labels=DATA / "buenrostro2018_bm0828" / "buenrostro2018_bm0828_labels.tsv", key="celltype"),
+    "leukemia": dict(inputs=DATA / "leukemia_corces2016.h5ad", labels=None, key="celltype"),
+    "snare": dict(inputs=DATA / "snare_mop" / "filtered_feature_bc_matrix.h5",
+                  labels=DATA / "snare_mop" / "snare_mop_metadata.tsv", key="cluster (remapped)"),
+}
+
+
+@contextmanager
+def _client(client, **kw):
+    """``client`` when given; else a LocalCluster of ``kw`` (``scatac_dist.get_client``), closed after."""
+    if client is not None:
+        yield client
+        return
+    import scatac_dist as sd
+
+    own = sd.get_client(**kw)
+    try:
+        yield own
+    finally:
+        own.close()
+
+
+def scratch() -> Path:
+    """Where the synthetic atlases live: ``$SCATAC_BENCH_SCRATCH``, else ``benchmarks/work``."""
+    return Path(os.environ.get("SCATAC_BENCH_SCRATCH", WORK))
+
+
+def synth_path(n: int, folder: Path | None = None) -> Path:
+    """``FOLDER/synth_{n // 1000}k.zarr``, the name of the synthetic atlas of ``n`` cells."""
+    return (folder or scratch()) / f"synth_{n // 1000}k.zarr"
+
+
+def ensure_atlas(n: int, folder: Path | None = None, *, n_peaks: int = 100_000, name: str | None = None,
+                 client=None) -> Path:
+    """The synthetic atlas of ``n`` cells x ``n_peaks`` (10 types, seed 0) in ``folder``
+    (:func:`scratch` by default), generated once and reused; a partial or unreadable store from
+    an interrupted run is generated again. ``client``: the cluster to generate on (by default
+    a LocalCluster of 2 single-threaded workers, closed afterwards)."""
+    import scatac_dist as sd
+    from scatac_dist.datasets import SynthParams, synthesize
+
+    folder = folder or scratch()
+    store = folder / name if name else synth_path(n, folder)
+    if store.exists():
+        try:
+            if sd.Atlas(store).n_obs == n:
+                return store
+        except Exception:  # a partial or unreadable store from an interrupted run: regenerate it
+            pass
+    folder.mkdir(parents=True, exist_ok=True)
+    with _client(client, n_workers=2, threads_per_worker=1) as c, Timer() as t:
+        synthesize(store, SynthParams(n_cells=n, n_peaks=n_peaks, n_clusters=10, seed=0), overwrite=True, client=c)
+    print(f"generated {store} in {t.seconds:.0f} s", flush=True)
+    return store
+
+
+def ingest_dataset(name: str, folder: Path, client=None, *, reuse: bool = False) -> Path:
+    """A fresh ingest of the real set ``name`` (:data:`DATASETS`, labels joined) into
+    ``FOLDER/NAME.zarr``; ``reuse``: keep one that is there already. ``client``: as in
+    :func:`ensure_atlas`, but 2 workers of the default threads."""
+    import scatac_dist as sd
+
+    store = folder / f"{name}.zarr"
+    if reuse and store.exists():
+        return store
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = DATASETS[name]
+    with _client(client, n_workers=2, dashboard_address=":0") as c:
+        sd.ingest(spec["inputs"], store, labels=spec["labels"], overwrite=True, client=c, progress=False)
+    return store
+
+
+def root_obs(store: Path):
+    """The store's root ``obs`` (a MuData store keeps the joined labels there, not in the
+    modality)."""
+    import zarr
+    from anndata.io import read_elem
+
+    return read_elem(zarr.open_group(str(store), mode="r")["obs"])
+
+
+def disk_bytes(path: Path) -> int:
+    """Bytes on disk of a file, or of every file under a folder (a zarr store, a 10x folder)."""
+    path = Path(path)
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def copy_store(store: Path, target: Path) -> Path:
+    """A fresh copy of ``store`` at ``target`` (runs that write into their store work on one)."""
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(store, target)
+    return target
