@@ -70,8 +70,8 @@ def test_ingest_through_separate_scheduler_and_worker(tmp_path, data_dir):
 
 def test_config_defaults_and_env_override():
     """Defaults come from scatac_dist.yaml; DASK_SCATAC_DIST__* variables override them."""
-    code = ("import scatac_dist._config as c; print(c.get('store.chunk-rows'), "
-            "c.get('cluster.threads-per-worker'))")
+    code = ("import dask.config, scatac_dist; print(dask.config.get('scatac-dist.store.chunk-rows'), "
+            "dask.config.get('scatac-dist.cluster.threads-per-worker'))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["10000", "1"]
     env = {**os.environ, "DASK_SCATAC_DIST__STORE__CHUNK_ROWS": "2500"}

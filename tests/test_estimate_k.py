@@ -101,15 +101,24 @@ def test_spectrum_matches_direct_reference(shape, sparse):
     X = rng.poisson(rates[lab]).astype(float)
     X[:, :3] = 0  # empty peaks are dropped by both
     X = sp.csr_matrix(X) if sparse else X
-    C, m, inv_s, n = ek_mod._standardise(X)
-    G = ek_mod._dense_gram(C, m, inv_s, n)
     ev_ref, bd_ref = ref_eigenvalues(X)
-    ev = np.linalg.eigvalsh(G)
-    r = min(shape[0], shape[1] - 3) - 1  # non-zero eigenvalues (centring removes one)
-    np.testing.assert_allclose(np.sort(ev)[::-1][:r], np.sort(ev_ref)[::-1][:r], rtol=1e-8,
-                               atol=1e-8 * ev_ref.max())
-    assert tracy_widom_threshold(n, C.shape[0]) == pytest.approx(bd_ref, rel=1e-14)
+    n, p = shape[1] - 3, shape[0]  # peaks with counts, cells
+    assert tracy_widom_threshold(n, p) == pytest.approx(bd_ref, rel=1e-14)
     assert estimate_k(X, max_cells=None) == ref_k(X) == 3
+    # the spectrum, through the public function: with the threshold set (by the quantile) just
+    # below the i-th largest reference eigenvalue, i eigenvalues pass; just above it, i - 1
+    mu = tracy_widom_threshold(n, p, quantile=0.0)
+    sigma = tracy_widom_threshold(n, p, quantile=1.0) - mu
+    r = min(p, n) - 1  # non-zero eigenvalues (centring removes one)
+    top = np.sort(ev_ref)[::-1][:r]
+    eps = 1e-8 * top[0]
+    gaps = np.abs(np.diff(top))
+    probes = [i for i in range(1, r - 1) if min(gaps[i - 1], gaps[i]) > 2 * eps][::max(1, r // 40)]
+    assert len(probes) >= 20
+    for i in [0] + probes:
+        below, above = ((top[i] - eps - mu) / sigma, (top[i] + eps - mu) / sigma)
+        assert estimate_k(X, max_cells=None, tw_quantile=below) == i + 1, i
+        assert estimate_k(X, max_cells=None, tw_quantile=above) == i, i
 
 
 def test_lanczos_path_matches_dense(monkeypatch):

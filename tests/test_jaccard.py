@@ -45,7 +45,7 @@ def test_exact_and_blockwise_topk(atlas, client):
 
     k = 20
     G = tl.jaccard(atlas, k=k, sub_rows=256)
-    assert G.shape == (P.n_cells, P.n_cells) and G.getnnz() <= P.n_cells * k
+    assert G.shape == (P.n_cells, P.n_cells)
     Jx = J.copy()
     np.fill_diagonal(Jx, -1.0)  # a cell is not its own neighbour
     idx, val = topk_rows(Jx, k)
@@ -55,7 +55,8 @@ def test_exact_and_blockwise_topk(atlas, client):
         # same neighbours in the same order (value, then lower index), same values
         np.testing.assert_array_equal(row.indices, idx[i][keep])
         np.testing.assert_array_equal(row.data, val[i][keep])
-    assert atlas.read("obsp/jaccard").nnz == G.nnz
+    stored = atlas.read("obsp/jaccard")                        # the graph written is the one returned
+    assert stored.shape == G.shape and (stored != G).nnz == 0
 
 
 def test_jaccard_bad_parameters(atlas):

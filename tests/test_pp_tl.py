@@ -52,13 +52,28 @@ def test_selection_scores():
 
 
 @pytest.fixture(scope="module")
-def atlas(tmp_path_factory, client):
+def store(tmp_path_factory, client):
     out = tmp_path_factory.mktemp("pp") / "s.zarr"
     synthesize(out, P, chunk_rows=400, client=client, progress=False)
-    return open_atlas(out, chunk_rows=400)
+    return out
 
 
-def test_filters_select_and_tfidf_view(atlas, client):
+@pytest.fixture(scope="module")
+def atlas(store):
+    return open_atlas(store, chunk_rows=400)
+
+
+@pytest.fixture
+def fresh_atlas(store, tmp_path):
+    """A copy of the store of its own, for a test whose filters must not reach the others."""
+    import shutil
+
+    shutil.copytree(store, tmp_path / "s.zarr")
+    return open_atlas(tmp_path / "s.zarr", chunk_rows=400)
+
+
+def test_filters_select_and_tfidf_view(fresh_atlas, client):
+    atlas = fresh_atlas
     X = generate_rows(P, 0, P.n_cells).toarray().astype(float)
     pp.filter_cells(atlas, min_counts=900, client=client)
     cells = X.sum(1) >= 900
@@ -75,10 +90,6 @@ def test_filters_select_and_tfidf_view(atlas, client):
     got = np.vstack([view.blocks[i].compute().toarray() for i in range(view.numblocks[0])])
     B = (X[cells][:, sel] > 0).astype(float)
     np.testing.assert_allclose(got, dense_tfidf(B, "archr3"), rtol=1e-5, atol=1e-6)
-    for k in ("pass_qc", "selected", "idf"):
-        del_col = atlas.var.drop(columns=[k])
-        atlas._publish("var", del_col)
-    atlas._publish("obs", atlas.obs.drop(columns=["pass_qc"]))
 
 
 def test_lsi_subspace_matches_numpy_svd(atlas, client):
@@ -184,3 +195,29 @@ def test_kmeans_on_dask_ml_and_umap_transform_on_workers(atlas, client):
     # placed cells sit among cells of their own type
     acc = KNeighborsClassifier(5).fit(U[:500], truth[:500]).score(U[500:], truth[500:])
     assert acc > 0.8
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_knn_graph_never_lists_a_cell_as_its_own_neighbour(exact, monkeypatch):
+    """Identical rows tie at distance 0, so a cell's own index need not come first in the
+    search's answer; the graph must drop the cell itself wherever it is, not column 0."""
+    from scatac_dist.tl import graph
+
+    rng = np.random.default_rng(0)
+    E = rng.standard_normal((300, 5)).astype(np.float32)
+    E[10:20] = E[10]  # ten identical cells
+    if not exact:
+        monkeypatch.setattr(graph, "EXACT_MAX_CELLS", 10)  # force pynndescent
+    idx, dist = graph.knn_graph(E, k=12, seed=0)
+    rows = np.arange(len(E))[:, None]
+    assert not (idx == rows).any()
+    assert all(len(set(r)) == 12 for r in idx)
+    # distances are those of the listed cells, and the nearest other cells of a duplicate are its twins
+    np.testing.assert_allclose(dist, np.linalg.norm(E[idx] - E[:, None], axis=2), atol=1e-5)
+    for i in range(10, 20):
+        assert set(idx[i][:9]) == set(range(10, 20)) - {i}
+    D = np.linalg.norm(E[:, None] - E[None], axis=2)
+    np.fill_diagonal(D, np.inf)
+    exp = np.sort(D, axis=1)[:, :12]
+    if exact:
+        np.testing.assert_allclose(np.sort(dist, axis=1), exp, atol=1e-5)

@@ -6,7 +6,8 @@ several inputs (with a ``batch`` column), joins a labels TSV, and writes the sto
 
 Formats: ``10x-mtx`` (Cell Ranger ATAC ``filtered_peak_bc_matrix/`` folder), ``10x-h5``
 (Cell Ranger ATAC or ARC HDF5; ARC gives a MuData store with ``rna`` and ``atac``), and
-``h5ad`` (AnnData).
+``h5ad`` (AnnData; features named by index rather than ``chr:start-end`` are accepted with a
+warning and no coordinates, see :func:`require_intervals`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import pandas as pd
 from .. import _config
 from ..errors import InputError
 from ..store import Atlas
+from .features import COORDINATES, require_intervals
 from .h5ad import plan_h5ad
 from .labels import join_labels, read_labels
 from .mtx import plan_10x_mtx
@@ -33,7 +35,7 @@ from .writer import BlockPlan, write_atlas
 
 logger = logging.getLogger("scatac_dist")
 
-__all__ = ["ingest", "detect_format", "FORMATS"]
+__all__ = ["ingest", "detect_format", "FORMATS", "require_intervals"]
 
 FORMATS = ("auto", "10x-mtx", "10x-h5", "h5ad")
 Format = Literal["auto", "10x-mtx", "10x-h5", "h5ad"]
@@ -135,7 +137,9 @@ def ingest(
     Writes
     ------
     A new store: ``X`` (or ``mod/rna``/``mod/atac`` for 10x ARC input), ``obs`` (barcodes,
-    source metadata, labels, batch), ``var`` (``chr``, ``start``, ``end``), and
+    source metadata, labels, batch), ``var`` (``chr``, ``start``, ``end``; an ``.h5ad`` whose
+    features are not intervals keeps its own names and columns, without coordinates, and a
+    warning says which commands need them: see :func:`require_intervals`), and
     ``uns/scatac_dist/ingest``.
     """
     from ..cluster import current_client
@@ -182,6 +186,15 @@ def ingest(
             if list(p.var) != keys:
                 raise InputError(p.source, f"has modalities {list(p.var)} but {plans[0].source} has {keys}",
                                  "ingest joint RNA+ATAC and ATAC-only inputs separately")
+        for key in keys:
+            placed = [set(COORDINATES) <= set(p.var[key].columns) for p in plans]
+            if any(placed) and not all(placed):
+                with_c = [str(p.source) for p, c in zip(plans, placed) if c]
+                without = [str(p.source) for p, c in zip(plans, placed) if not c]
+                raise InputError(without[0], f"its features have no genomic coordinates but those of {with_c[0]} "
+                                 "do, so the two cannot be matched peak for peak",
+                                 "give every input coordinates (var columns chr, start and end, or features "
+                                 "named chr:start-end), or ingest them separately")
         var = {key: _join_features(plans, key, join) for key in keys}
 
         obs = pd.concat([p.obs for p in plans]) if len(plans) > 1 else plans[0].obs.copy()

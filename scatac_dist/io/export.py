@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from ..store import Atlas
+from .features import require_intervals
 
 __all__ = ["export_10x_mtx", "export_10x_h5"]
 
@@ -37,13 +38,14 @@ def export_10x_mtx(atlas: Atlas, folder: str | Path, *, compresslevel: int = 6,
                    progress: bool = False) -> Path:
     """Write a Cell Ranger ATAC ``filtered_peak_bc_matrix/`` folder (peaks x cells).
 
-    Reads ``X``, ``obs_names`` and ``var`` (``chr``/``start``/``end``).
+    Reads ``X``, ``obs_names`` and ``var`` (``chr``/``start``/``end``); a store whose features
+    have no coordinates is refused (:func:`~scatac_dist.io.features.require_intervals`) before
+    anything is written.
     """
     folder = Path(folder)
+    peaks = require_intervals(atlas, "export to a 10x folder (peaks.bed)")
     folder.mkdir(parents=True, exist_ok=True)
-    var = atlas.var
-    pd.DataFrame({"chr": var["chr"].astype(str), "start": var["start"], "end": var["end"]}).to_csv(
-        folder / "peaks.bed", sep="\t", header=False, index=False)
+    peaks.to_csv(folder / "peaks.bed", sep="\t", header=False, index=False)
     pd.Series(atlas.obs.index).to_csv(folder / "barcodes.tsv", header=False, index=False)
     tmp = folder / ".matrix.mtx.gz.partial"
     with gzip.open(tmp, "wt", compresslevel=compresslevel, encoding="ascii") as fh:
@@ -62,12 +64,14 @@ def export_10x_h5(atlas: Atlas, path: str | Path, *, compression: str | None = "
                   progress: bool = False) -> Path:
     """Write a Cell Ranger ATAC ``filtered_peak_bc_matrix.h5`` (CSC peaks x cells).
 
-    Reads ``X``, ``obs_names`` and ``var`` (``chr``/``start``/``end``).
+    Reads ``X``, ``obs_names`` and ``var`` (``chr``/``start``/``end``); a store whose features
+    have no coordinates is refused (:func:`~scatac_dist.io.features.require_intervals`) before
+    anything is written.
     """
     path = Path(path)
+    peaks = require_intervals(atlas, "export to a 10x .h5 (features/interval)")
     tmp = path.with_name(f".{path.name}.partial")
-    var = atlas.var
-    names = (var["chr"].astype(str) + ":" + var["start"].astype(str) + "-" + var["end"].astype(str))
+    names = (peaks["chr"] + ":" + peaks["start"].astype(str) + "-" + peaks["end"].astype(str))
     nnz = atlas.nnz
     with h5py.File(tmp, "w") as f:
         m = f.create_group("matrix")

@@ -1,7 +1,25 @@
 """Peak coordinates: read BED files and parse peak names into ``chr``/``start``/``end``.
 
-Every atlas's ``var`` has ``chr`` (str), ``start`` and ``end`` (int64, BED half-open) and
+An atlas's ``var`` has ``chr`` (str), ``start`` and ``end`` (int64, BED half-open) and
 uses ``chr:start-end`` as the peak name, as Cell Ranger ATAC does.
+
+**Features without coordinates.** Many public ``.h5ad`` files name their peaks by index
+(``"0"``, ``"1"``, ... or ``"peak_123"``) and have no coordinate columns. Such a file is
+ingested as it is, with a warning: ``var`` keeps its names and columns and has no
+``chr``/``start``/``end`` (absent rather than filled with placeholders, so that anndata,
+scanpy and SnapATAC2 read the store as they read the file). Everything that works on the
+count matrix alone runs on it; what needs coordinates (scEmbed's region tokens and
+projection, export to a peaks BED or a 10x matrix) calls :func:`require_intervals` first and
+is refused with the fix. The rule, for a table with no coordinate columns:
+
+* every name parses as ``chr:start-end`` (or ``chr_start_end``, ``chr-start-end``): the names
+  give the coordinates, and an invalid interval among them (``chr1:500-100``) is an error;
+* no name parses: the features have no coordinates (the warning case above);
+* some parse and some do not: an error naming the first that does not, since a peak list
+  that is part intervals and part something else is more likely damaged than meant.
+
+A name of the form ``word_<int>_<int>`` (``peak_10_20``) parses as an interval on contig
+``word``; name such features differently if they are not intervals.
 """
 
 from __future__ import annotations
@@ -16,7 +34,10 @@ import pandas as pd
 from ..errors import InputError
 from ._open import open_text
 
-__all__ = ["read_bed", "peaks_from_names", "peak_var"]
+__all__ = ["read_bed", "peaks_from_names", "peak_var", "require_intervals"]
+
+#: the ``var`` columns that hold a peak's coordinates
+COORDINATES = ("chr", "start", "end")
 
 # chr may itself hold "_" (chrUn_gl000220); the lazy match leaves the last two numbers to start/end
 _NAME = re.compile(r"^(?P<chr>\S+?)[:_-](?P<start>\d+)[-_](?P<end>\d+)$")
@@ -101,13 +122,78 @@ def peaks_from_names(names: Sequence[str], source: str | Path) -> pd.DataFrame:
                     source, names=names)
 
 
-def var_from_table(var: pd.DataFrame, source: str | Path) -> pd.DataFrame:
-    """Peak ``var`` from an existing table: its chr/start/end columns, or else its index."""
+def var_from_table(var: pd.DataFrame, source: str | Path, *, allow_unplaced: bool = False) -> pd.DataFrame:
+    """Peak ``var`` from an existing table: its chr/start/end columns, or else its index.
+
+    With ``allow_unplaced``, a table whose feature names are none of them intervals (and
+    that has no coordinate columns) comes back as it is, names as strings, without
+    ``chr``/``start``/``end`` (module docstring); the caller warns. Otherwise, and when only
+    some names are intervals, :class:`InputError` as :func:`peaks_from_names` raises it.
+    """
     for c, s, e in (("chr", "start", "end"), ("chrom", "chromStart", "chromEnd"),
                     ("seqnames", "start", "end")):
         if {c, s, e} <= set(var.columns):
             out = peak_var(var[c].astype(str), var[s], var[e], source, names=var.index)
             rest = var.drop(columns=[c, s, e])
             return pd.concat([out, rest], axis=1)
+    if allow_unplaced and not pd.Index(var.index).astype(str).str.match(_NAME).any():
+        out = var.copy()
+        out.index = pd.Index(np.asarray(var.index, dtype=object).astype(str))
+        if out.index.has_duplicates:
+            dup = out.index[out.index.duplicated()][0]
+            raise InputError(source, f"feature {dup} is listed more than once",
+                             "make feature names unique (AnnData.var_names_make_unique()) and re-write the file")
+        return out
     out = peaks_from_names(var.index, source)
     return pd.concat([out, var.set_axis(out.index)], axis=1)
+
+
+def _has_intervals(var: pd.DataFrame) -> bool:
+    """Whether every feature of ``var`` has coordinates (``chr``, ``start``, ``end``, none missing)."""
+    return all(c in var.columns for c in COORDINATES) and not var[list(COORDINATES)].isna().any(axis=None)
+
+
+def require_intervals(atlas, what: str) -> pd.DataFrame:
+    """The peaks' coordinates, or :class:`InputError` if the store's features have none.
+
+    Call it first in anything that needs genomic coordinates (scEmbed, export to BED/10x):
+    a store ingested from an ``.h5ad`` whose features are named by index has no
+    ``chr``/``start``/``end`` in ``var`` (module docstring).
+
+    Parameters
+    ----------
+    atlas
+        An open :class:`~scatac_dist.store.Atlas` (reads ``var``).
+    what
+        What needs the coordinates, for the message (e.g. ``"scEmbed training"``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``chr`` (str), ``start`` and ``end`` (int64), one row per feature, indexed like ``var``.
+
+    Raises
+    ------
+    InputError
+        Naming the store, saying that its features have no genomic coordinates and how to
+        ingest them with coordinates.
+    """
+    var = atlas.var
+    if not _has_intervals(var):
+        missing = [c for c in COORDINATES if c not in var.columns]
+        if missing:
+            detail = f"var has no {'/'.join(missing)} column{'s' if len(missing) > 1 else ''}"
+        else:
+            n_bad = int(var[list(COORDINATES)].isna().any(axis=1).sum())
+            detail = f"{n_bad} of {len(var)} features have no chr/start/end"
+        names = ", ".join(repr(str(x)) for x in var.index[:3])
+        raise InputError(
+            atlas.path,
+            f"{what} needs genomic coordinates, but the features have none ({detail}; "
+            f"feature names such as {names} are not chr:start-end intervals)",
+            "re-ingest the matrix with coordinates: give the .h5ad var columns chr, start and end "
+            "(e.g. from the dataset's peaks BED), or name its features chr:start-end (e.g. chr1:10000-10500); "
+            "a 10x folder or .h5 carries them already")
+    return pd.DataFrame({"chr": var["chr"].astype(str).to_numpy(),
+                         "start": var["start"].to_numpy(np.int64),
+                         "end": var["end"].to_numpy(np.int64)}, index=var.index)

@@ -2,7 +2,9 @@
 
 ``X`` (or a layer) may be CSR (blocks are slices of the file), dense (row slices) or CSC
 (streamed column by column and bucketed by cell, like a MatrixMarket file). Peak
-coordinates come from ``var`` columns ``chr``/``start``/``end`` or from peak names.
+coordinates come from ``var`` columns ``chr``/``start``/``end`` or from peak names. A file
+whose features are not intervals at all (named ``"0"``, ``"1"``, ... or ``"peak_123"``) is
+ingested without coordinates, with a warning; see :mod:`scatac_dist.io.features`.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from anndata.io import read_elem
 
 from ..errors import InputError
 from ._buckets import bucket_recipes, iter_batches, write_piece
-from .features import var_from_table
+from .features import COORDINATES, var_from_table
 from .tenx_h5 import open_h5
 from .writer import BlockPlan, check_counts
 
@@ -89,7 +91,15 @@ def plan_h5ad(path: str | Path, *, chunk_rows: int, workdir: str | Path, client,
     if obs.index.has_duplicates:
         raise InputError(path, f"has duplicate cell names (e.g. {obs.index[obs.index.duplicated()][0]})",
                          "make them unique first (AnnData.obs_names_make_unique())")
-    var = var_from_table(var_in, path)
+    var = var_from_table(var_in, path, allow_unplaced=True)
+    if not set(COORDINATES) <= set(var.columns):
+        logger.warning(
+            "%s: its %d features have no genomic coordinates (no chr/start/end columns in var, and names "
+            "such as %s are not chr:start-end intervals); ingesting them under their own names. Coordinates "
+            "are unknown in this store: `scatac-dist scembed` (train, encode, annotate) and export to a peaks "
+            "BED or a 10x matrix will refuse it. Give var columns chr, start and end (or name features "
+            "chr:start-end) and ingest again to enable them.",
+            path, len(var), ", ".join(repr(x) for x in var.index[:3]))
 
     if enc == "csr_matrix":
         recipes = [(_csr_block, (str(path), elem, s, e, n_cols))

@@ -51,7 +51,13 @@ def knn_graph(E: np.ndarray, k: int = 15, seed: int = 0) -> tuple[np.ndarray, np
 
         index = NNDescent(E, n_neighbors=k + 1, random_state=seed, n_jobs=1)
         idx, dist = index.neighbor_graph
-    return idx[:, 1:], dist[:, 1:]
+    # Drop each row's own index wherever the search put it: with identical rows it need not
+    # come first, and dropping column 0 would then list a cell among its own neighbours.
+    own = idx == np.arange(n)[:, None]
+    drop = np.where(own.any(axis=1), own.argmax(axis=1), k)  # no self found: drop the farthest
+    keep = np.ones(idx.shape, bool)
+    keep[np.arange(n), drop] = False
+    return idx[keep].reshape(n, k), dist[keep].reshape(n, k)
 
 
 def connectivities(idx: np.ndarray, dist: np.ndarray, n: int) -> sp.csr_matrix:
