@@ -2,8 +2,8 @@
 module or a private name of another package, and lower rooms never import higher ones.
 
 A "package" here is a top-level unit of ``scatac_dist``: a subpackage (``pp``, ``tl``,
-``models``, ...) or a top-level module (``store``, ``cluster``, ...). ``_config`` and
-``errors`` are shared by everything on purpose.
+``models``, ...) or a top-level module (``store``, ``cluster``, ...). ``_config``, ``errors``
+and ``progress`` (the one progress-bar style) are shared by everything on purpose.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "scatac_dist"
-SHARED = {"_config", "errors"}
+SHARED = {"_config", "errors", "progress"}
 
 # Which rooms each room may import (besides itself and SHARED); the order of GUIDE.md section 3.
 ALLOWED = {

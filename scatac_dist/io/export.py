@@ -22,11 +22,9 @@ __all__ = ["export_10x_mtx", "export_10x_h5"]
 
 def _blocks(atlas: Atlas, progress: bool, desc: str):
     X = atlas.X
-    it = range(X.numblocks[0])
-    if progress:
-        from tqdm.auto import tqdm
+    from ..progress import bar
 
-        it = tqdm(it, desc=desc, unit="block")
+    it = bar(range(X.numblocks[0]), desc=desc, unit="block", enabled=progress)
     row0 = 0
     for b in it:
         block = X.blocks[b].compute(scheduler="sync")

@@ -191,9 +191,9 @@ def plan_10x_mtx(folder: str | Path, *, workdir: str | Path, chunk_rows: int, cl
     raw = open(mtx, "rb")
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import bar as progress_bar
 
-        bar = tqdm(total=mtx.stat().st_size, unit="B", unit_scale=True, desc=f"parsing {mtx.name}")
+        bar = progress_bar(total=mtx.stat().st_size, unit="B", unit_scale=True, desc=f"parsing {mtx.name}")
     from distributed import wait
 
     counts, n_entries, pending = [], 0, []

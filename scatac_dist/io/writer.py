@@ -159,13 +159,9 @@ def _fill_chunk(array_path: str, spool: str, key: str, part: str, start: int, st
 
 
 def _progress(futures, desc: str, show: bool):
-    from distributed import as_completed
+    from ..progress import as_completed_bar
 
-    if not show:
-        return as_completed(futures)
-    from tqdm.auto import tqdm
-
-    return tqdm(as_completed(futures), total=len(futures), desc=desc, unit="task")
+    return as_completed_bar(futures, desc=desc, enabled=show)
 
 
 def _assemble_x(client, group: zarr.Group, group_path: Path, spool: Path, key: str,

@@ -38,6 +38,7 @@ def calculate_qc_metrics(atlas: Atlas, *, client=None, progress: bool = True) ->
         Summary figures (medians, counts of empty cells and peaks).
     """
     from ..cluster import current_client
+    from ..progress import as_completed_bar
 
     client = client or current_client()
     t0 = time.perf_counter()
@@ -45,10 +46,8 @@ def calculate_qc_metrics(atlas: Atlas, *, client=None, progress: bool = True) ->
     graphs = [per_cell(X, ops.row_counts), per_cell(X, ops.row_nnz),
               per_peak(X, ops.col_counts), per_peak(X, ops.col_nnz)]
     futures = client.compute(dask.optimize(*graphs))
-    if progress:
-        from distributed import progress as dask_progress
-
-        dask_progress(futures)
+    for _ in as_completed_bar(futures, desc="qc", enabled=progress):
+        pass
     cell_counts, cell_nnz, peak_counts, peak_nnz = client.gather(futures)
     t_compute = time.perf_counter() - t0
     atlas.write_obs({"total_counts": cell_counts, "n_peaks_by_counts": cell_nnz})
