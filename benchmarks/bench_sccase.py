@@ -62,12 +62,12 @@ def raw_representation(store: Path, seed: int = 0) -> np.ndarray:
     """The X_sccase_pca recipe applied to the input itself (no enhancement)."""
     from sklearn.decomposition import PCA
 
-    from scatac_dist.models import _sccase_data as data
+    from scatac_dist.models import sccase_pattern as data
 
     atlas = __import__("scatac_dist").open_atlas(store)
     pat = data.build_pattern(atlas)
     try:
-        from scatac_dist.models.sccase import pattern_rows
+        from scatac_dist.models.sccase_pattern import pattern_rows
 
         B = pattern_rows(pat, np.arange(pat.n), binary=True).toarray()
         tf = B / np.maximum(B.sum(1, keepdims=True), 1)

@@ -127,14 +127,14 @@ def _child_kernel(spec, sampler) -> dict:
 
     from gensim.models import Word2Vec
 
-    from scatac_dist.models._scembed_corpus import chunk_documents
-    from scatac_dist.models.scembed import SCEMBED, _chunk_doc_freq
+    from scatac_dist.models.scembed import SCEMBED
+    from scatac_dist.models.scembed_corpus import chunk_doc_freq, chunk_documents
     from scatac_dist.ops.corpus import encode_lines, iter_documents, token_keys, token_width
     from scatac_dist.train.data import StoreRows
 
     p = SCEMBED()
     rows = StoreRows(spec["store"])
-    df = sum(_chunk_doc_freq(rows, k) for k in range(rows.n_chunks))
+    df = sum(chunk_doc_freq(rows, k) for k in range(rows.n_chunks))
     keep = df >= p.min_count
     keys = token_keys(rows.n_vars)
     docs = [chunk_documents(rows, k, keep, 0, 0) for k in range(rows.n_chunks)]

@@ -66,14 +66,14 @@ def main(argv=None) -> None:
                 checkpoint_dir=str(work / "ck"), checkpoint_every=10 ** 9, progress=False,
                 depth_offset=not a.paper_decoder)
     # the cells SCALE trains on, binarised, read once (a quality set of a few hundred cells)
-    cells, peaks = SCALE(**base)._masks(atlas)
+    cells, peaks = SCALE(**base).masks(atlas)
     X = atlas.read("X")[cells][:, np.flatnonzero(peaks)].tocsr()
     X.data[:] = 1.0
     open_peaks = np.diff(X.indptr)
     states, rows, m = [], [], None
     for i, st in enumerate(stages):
         m = SCALE(max_iter=st, min_iter=st, resume=i > 0, **base).fit(a.store, outputs=False)
-        E = m._encode_csr(m.module_, X, joint=False)[0]
+        E = m.encode_csr(m.module_, X, joint=False)[0]
         r = protocol(E, y_all[cells])
         r["step"] = st
         r.update(_far_cells(E, open_peaks, k))
@@ -86,7 +86,7 @@ def main(argv=None) -> None:
         avg = {k_: torch.stack([s[k_].float() for s in states[lo:]]).mean(0) for k_ in states[0]}
         mod = m.module_
         mod.load_state_dict(avg)
-        r = protocol(m._encode_csr(mod, X, joint=False)[0], y_all[cells])
+        r = protocol(m.encode_csr(mod, X, joint=False)[0], y_all[cells])
         r["step"] = f"wavg_{stages[lo]}_{stages[-1]}"
         rows.append(r)
         Es = np.mean([np.load(work / f"E_{s}.npy") for s in stages[lo:]], 0)

@@ -96,6 +96,16 @@ def test_require_intervals_on_both_kinds_of_store(client, tmp_path, data_dir, ca
         export_10x_h5(unplaced, tmp_path / "out" / "m.h5")
     assert leftovers(tmp_path / "out", set()) == []
 
+    # scEmbed, whose words are regions, refuses it in training and in projection alike
+    from scatac_dist.models import SCEMBED
+
+    with pytest.raises(InputError, match="scEmbed training needs genomic coordinates"):
+        SCEMBED(epochs=1).fit(unplaced)
+    trained = SCEMBED(epochs=1, dim=8, umap=False, progress=False).fit(placed)
+    with pytest.raises(InputError, match="scEmbed projection needs genomic coordinates"):
+        trained.encode(unplaced)
+    assert "X_scembed" not in open_atlas(unplaced.path).keys("obsm")
+
     # a store whose coordinates are missing for some features only
     part = tmp_path / "part.zarr"
     shutil.copytree(placed.path, part)

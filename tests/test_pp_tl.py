@@ -141,7 +141,12 @@ def test_graph_clustering_recovers_types(atlas, client):
     assert tl.ari(truth, obs["kmeans"].astype(str)) > 0.8
     C = atlas.read("obsp/connectivities")
     assert C.shape == (P.n_cells, P.n_cells) and abs(C - C.T).max() < 1e-6
-    assert atlas.read("obsm/X_umap").shape == (P.n_cells, 2)
+    U = atlas.read("obsm/X_umap")
+    assert U.shape == (P.n_cells, 2) and np.isfinite(U).all()
+    # the 2-D map keeps each cell's neighbourhood of the spectral embedding (a random map: ~0.5)
+    from sklearn.manifold import trustworthiness
+
+    assert trustworthiness(atlas.read("obsm/X_spectral"), U, n_neighbors=15) > 0.9
     with pytest.raises(ValueError, match="larger than"):
         tl.leiden(atlas, n_clusters=P.n_cells + 1)
     # both Leiden implementations, seeded: reproducible, and both find the types

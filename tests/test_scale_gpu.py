@@ -40,7 +40,7 @@ def test_cuda_training_matches_labels(store, tmp_path):
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL DDP needs two CUDA devices")
 def test_nccl_ddp_ranks_agree(store, tmp_path):
-    from scatac_dist.models.scale import _train_rank
+    from scatac_dist.models.scale_training import train_rank as _train_rank
     from tests.test_train_ddp import _spec
 
     spec = _spec(store, tmp_path, 60, patience=1000)

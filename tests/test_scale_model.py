@@ -18,6 +18,7 @@ from scatac_dist.io import ingest
 from scatac_dist.models import SCALE
 from scatac_dist.models.scale import js_specificity
 from scatac_dist.store import open_atlas
+from scatac_dist.tl import estimate_k
 from scatac_dist.tl.metrics import ari
 
 
@@ -49,6 +50,15 @@ def sim(tmp_path_factory, client):
     ad.AnnData(sp.csr_matrix(X.astype(np.float32)), obs=obs, var=var).write_h5ad(d / "sim.h5ad")
     ingest(d / "sim.h5ad", d / "sim.zarr", chunk_rows=64, client=client, progress=False)
     return d / "sim.zarr", X, clean, dropped, labels
+
+
+def used_by_scale(X: np.ndarray, min_cells: int = 1, min_reads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """SCALE's filters (module docstring), in NumPy: peaks with >= ``min_reads`` reads in >=
+    ``min_cells`` cells, then cells with at least (kept peaks / 50) reads on them."""
+    hits = (X >= min_reads).sum(0)
+    peaks = (hits >= min_cells) & (hits > 0)
+    counts = X[:, peaks].sum(1)
+    return (counts >= peaks.sum() / 50) & (counts > 0), peaks
 
 
 def _copy(src, dst):
@@ -118,8 +128,15 @@ def test_cli_scale_and_estimated_k(sim, tmp_path):
                                   str(tmp_path / "model")])
     assert r.exit_code == 0, r.output
     out = json.loads(r.output[r.output.index("{"):])
-    assert out["n_clusters"] >= 2 and out["steps"] == 60          # k from Tracy-Widom
+    # k is the Tracy-Widom estimate on the binarised cells and peaks SCALE used: the
+    # simulation's 3 clusters (SCALE raises an estimate below 2 to 2)
+    X = sim[1]
+    cells, peaks = used_by_scale(X)
     a = open_atlas(store)
+    np.testing.assert_array_equal(a.obs["scale_used"].to_numpy(bool), cells)
+    np.testing.assert_array_equal(a.var["scale_used"].to_numpy(bool), peaks)
+    tw = estimate_k((X[cells][:, peaks] > 0).astype(np.float64), seed=0)
+    assert tw == 3 and out["n_clusters"] == tw and out["steps"] == 60
     assert "scale_gmm" in a.obs and "scale_kmeans" not in a.obs
     m = SCALE.load(tmp_path / "model")
     assert m.module_.n_components == out["n_clusters"]
@@ -144,11 +161,11 @@ def test_depth_norm_scales_to_the_median_open_peaks(sim, tmp_path):
     ``depth_norm=True`` and the decoder's reference depth with ``depth_offset`` (the default);
     ``depth_offset=False`` without ``depth_norm`` is the paper's model; saved models keep both."""
     kw = dict(n_clusters=3, quick=True, max_iter=10, min_cells=1, min_reads=1, progress=False)
-    a = open_atlas(sim[0])
     m = SCALE(depth_norm=True, depth_offset=False, **kw).fit(sim[0], outputs=False)
-    cells, peaks = m._masks(a)
-    X = a.read("X")[cells][:, peaks]
-    expected = float(np.median(np.diff(sp.csr_matrix(X).indptr)))
+    X = sim[1]
+    cells, peaks = used_by_scale(X)
+    assert m.n_cells_ == cells.sum()
+    expected = float(np.median((X[cells][:, peaks] > 0).sum(1)))
     assert m.module_.input_scale == m.module_.encoder.input_scale == expected
     assert m.module_.depth_ref is None
     m.save(tmp_path / "model")

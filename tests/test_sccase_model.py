@@ -13,10 +13,12 @@ from click.testing import CliRunner
 from scatac_dist.cli import main
 from scatac_dist.datasets import SynthParams, synthesize
 from scatac_dist.models import SCCASE
-from scatac_dist.models import _sccase_data as data
-from scatac_dist.models.sccase import jaccard_on_support, support_matrix_dense
+from scatac_dist.models import sccase_pattern as data
+from scatac_dist.models.sccase_neighbors import jaccard_on_support, support_matrix_dense
 from scatac_dist.ops.sccase_support import bernoulli_mask, support_enhance, support_quad
 from scatac_dist.store import open_atlas
+
+LAM, G1, G2, KEEP = 1e6, 1.0, 1.0, 0.95           # SCCASE's defaults (the paper's)
 
 P = SynthParams(n_cells=360, n_peaks=1200, n_clusters=3, n_lineages=1, signal=0.5, fragments=400, seed=5)
 
@@ -43,6 +45,49 @@ def dense_problem(pat):
     for i in range(pat.n):
         B[i, indices[indptr[i]:indptr[i + 1]]] = 1
     return (B * pat.s[:, None] * pat.w[None, :]).T, B
+
+
+def numpy_tfidf(counts, cells):
+    """Eq. (1) on the binarised counts of ``cells`` over the peaks open in >= 1% of them, each
+    cell scaled to unit L2 norm: X (kept peaks x cells), the kept peaks and their IDF."""
+    C = sp.csr_matrix(counts)[np.flatnonzero(cells)].toarray() > 0
+    n, cnt = C.shape[0], C.sum(0)
+    peaks = np.flatnonzero(cnt >= 0.01 * n)
+    idf = np.log(n / cnt[peaks])
+    T = C[:, peaks] * idf
+    return (T / np.linalg.norm(T, axis=1, keepdims=True)).T, peaks, idf
+
+
+def paper_loss(X, Z, R, W, H, support=None, P=None, alpha=1.0):
+    """Eq. (2) (Eq. 3 with ``P``) in NumPy; with ``support`` (n x n bool) the similarity term
+    runs over the support pairs only, as the atlas mode defines it."""
+    D = Z - H.T @ H
+    f = (np.linalg.norm(X @ (Z * R) - W @ H) ** 2 + LAM * np.sum((D if support is None else D[support]) ** 2)
+         + G1 * np.linalg.norm(W) ** 2 + G2 * np.linalg.norm(H) ** 2)
+    return f + (alpha * np.linalg.norm(P - W[:, :P.shape[1]]) ** 2 if P is not None else 0.0)
+
+
+def full_mask(n, seed):
+    ii, jj = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    return bernoulli_mask(ii, jj, n, KEEP, seed)
+
+
+def nmf_start(X, K, seed):
+    """W (peaks x K), H (K x cells): scikit-learn NMF of X^T, as the module docstring says."""
+    from sklearn.decomposition import NMF
+
+    nmf = NMF(K, init="nndsvda", max_iter=500, random_state=seed)
+    U = nmf.fit_transform(sp.csr_matrix(X.T))
+    return nmf.components_.T, U.T
+
+
+def reference_projection(M, idf, k1, seed):
+    """scCASER's P: each reference sample scaled to sum 1 over the kept peaks, weighted by the
+    target's IDF, then NMF with k1 factors (module docstring of scatac_dist.models.sccase)."""
+    from sklearn.decomposition import NMF
+
+    M = M / M.sum(0, keepdims=True) * idf[:, None]
+    return NMF(k1, init="nndsvda", max_iter=500, random_state=seed).fit_transform(M)
 
 
 def test_pattern_and_kernels_match_dense_numpy(store, client, tmp_path):
@@ -103,7 +148,20 @@ def test_atlas_with_full_support_equals_exact_mode(store, client, tmp_path):
     n = ex.H_.shape[1]
     at = SCCASE(mode="atlas", k_neighbors=n - 1, **kw).fit(b)
     np.testing.assert_allclose(at.result_["losses"], ex.result_["losses"], rtol=1e-7)
-    assert np.all(np.diff(ex.result_["losses"]) <= 0) and ex.result_["losses"][-1] < ex.result_["losses"][0]
+    # the first and last recorded losses are Eq. (2) of the start (Jaccard Z0, NMF W0/H0) and
+    # of the fitted W, H, Z, recomputed in NumPy from the counts
+    counts = open_atlas(a).X.compute()
+    X, peaks, _ = numpy_tfidf(counts, np.ones(counts.shape[0], bool))
+    R = full_mask(n, 3)
+    losses = ex.result_["losses"]
+    assert losses[-1] == pytest.approx(paper_loss(X, ex.Z_[1].T, R, ex.W_, ex.H_), rel=1e-9)
+    B = (counts.toarray()[:, peaks] > 0).astype(float)
+    inter = B @ B.T
+    Z0 = inter / (B.sum(1)[:, None] + B.sum(1)[None, :] - inter)
+    np.fill_diagonal(Z0, 1.0)
+    W0, H0 = nmf_start(X, 4, 3)
+    assert losses[0] == pytest.approx(paper_loss(X, Z0 / Z0.sum(0, keepdims=True), R, W0, H0), rel=1e-6)
+    assert losses[-1] < 0.99 * losses[0]
     np.testing.assert_allclose(at.W_, ex.W_, rtol=1e-6, atol=1e-9 * np.abs(ex.W_).max())
     np.testing.assert_allclose(at.H_, ex.H_, rtol=1e-6, atol=1e-9 * np.abs(ex.H_).max())
     nbr, Zv = at.Z_
@@ -125,21 +183,39 @@ def test_outputs_and_atlas_mode_recovers_clusters(store, client, tmp_path):
     drop = np.zeros(atlas.n_obs, bool)
     drop[::50] = True                                    # cells outside pass_qc are left out
     atlas.write_obs({"pass_qc": ~drop})
-    SCCASE(mode="atlas", k_neighbors=15, n_factors=4, max_iter=5, seed=0).fit(path)
+    m = SCCASE(mode="atlas", k_neighbors=15, n_factors=4, max_iter=5, seed=0).fit(path)
     atlas = open_atlas(path)
+    X, peaks, _ = numpy_tfidf(atlas.X.compute(), ~drop)              # the used cells and peaks
     H = atlas.read("obsm/X_sccase")
-    assert H.shape == (atlas.n_obs, 4) and np.isnan(H[drop]).all() and not np.isnan(H[~drop]).any()
+    assert H.shape == (atlas.n_obs, 4) and np.isnan(H[drop]).all()
+    np.testing.assert_array_equal(H[~drop], m.H_.T.astype(np.float32))
     W = atlas.read("varm/sccase_W")
     used = atlas.var["sccase_used"].to_numpy()
+    np.testing.assert_array_equal(np.flatnonzero(used), peaks)
     assert W.shape == (atlas.n_vars, 4) and (W[~used] == 0).all()
+    np.testing.assert_array_equal(W[used], m.W_.astype(np.float32))
+    # Z on each cell's support (itself and 15 neighbours), R drawn on the same pairs
+    nbr, Zv = m.Z_
+    n = int((~drop).sum())
+    assert nbr.shape == (n, 16) and (nbr[:, 0] == np.arange(n)).all()
+    repeated = [j for j, row in enumerate(nbr.tolist()) if len(set(row)) != 16]
+    assert not repeated, f"cells listed twice in their own support (e.g. cell {repeated[0]}: {nbr[repeated[0]]})"
+    cols = np.broadcast_to(np.arange(n)[:, None], nbr.shape)
+    Z, R, S = np.zeros((n, n)), np.zeros((n, n)), np.zeros((n, n), bool)
+    Z[nbr, cols], R[nbr, cols], S[nbr, cols] = Zv, bernoulli_mask(nbr, cols, n, KEEP, 0), True
+    # the enhanced layer is X Z (cells x peaks) on the used cells and peaks, nothing elsewhere
     L = atlas.read("layers/sccase")
-    assert L.shape == atlas.shape and L[np.flatnonzero(drop)].nnz == 0
-    assert L[:, np.flatnonzero(~used)].nnz == 0 and (L.data > 0).all()
+    assert L.shape == atlas.shape and L[np.flatnonzero(drop)].nnz == 0 and L[:, np.flatnonzero(~used)].nnz == 0
+    XZ = (X @ Z).T
+    np.testing.assert_allclose(L[np.flatnonzero(~drop)][:, peaks].toarray(), XZ, rtol=1e-5, atol=1e-6 * XZ.max())
     pcs = atlas.read("obsm/X_sccase_pca")
     assert pcs.shape[0] == atlas.n_obs and np.isnan(pcs[drop]).all()
     rec = atlas.provenance()["sccase"]
     assert rec["result"]["mode"] == "atlas" and rec["result"]["n_factors"] == 4
-    assert np.all(np.diff(rec["result"]["losses"]) <= 0)
+    # the recorded final loss is the support-restricted Eq. (2) of the fitted W, H, Z
+    losses = rec["result"]["losses"]
+    assert losses == m.result_["losses"] and len(losses) == 6
+    assert losses[-1] == pytest.approx(paper_loss(X, Z, R, m.W_, m.H_, support=S), rel=1e-7)
     y = atlas.obs["celltype"].to_numpy()[~drop]
     lab = KMeans(3, n_init=10, random_state=0).fit_predict(pcs[~drop])
     assert ari(y, lab) > 0.8
@@ -168,12 +244,29 @@ def test_sccaser_references(store, client, tmp_path, how):
         kw = dict(self_reference=True)
     m = SCCASE(mode="exact", n_factors=3, n_ref_factors=2, max_iter=4, alpha=1.0, seed=0, **kw).fit(path)
     assert m.W_.shape[1] == 5 and m.result_["n_ref_factors"] == 2
-    assert np.all(np.diff(m.result_["losses"]) <= 0)
     rec = open_atlas(path).provenance()["sccase"]["result"]["reference"]
-    if how == "labelled":
-        assert rec["pseudo_bulk_of"] == "type" and rec["n_samples"] == 3
+    # the reference matrix (kept peaks x samples), built in NumPy as the module docstring says
+    X, peaks, idf = numpy_tfidf(C, np.ones(C.shape[0], bool))
     if how == "self":
-        assert rec["self_reference_clusters"] >= 2
+        # pseudo-bulk of the binarised cells per Leiden cluster (resolution 1) of the 15-NN
+        # graph of the NMF embedding, through the package's public graph functions
+        from scatac_dist.tl.graph import connectivities, knn_graph, leiden_labels
+
+        _, H0 = nmf_start(X, 3, 0)
+        E = H0.T / np.maximum(np.linalg.norm(H0.T, axis=1, keepdims=True), 1e-300)   # unit rows
+        idx, dist = knn_graph(E, 15, seed=0)
+        clusters = leiden_labels(connectivities(idx, dist, len(E)), resolution=1.0, seed=0)
+        assert rec["self_reference_clusters"] == len(np.unique(clusters))
+        Bk = (C.toarray()[:, peaks] > 0).astype(float)
+        M = np.stack([Bk[clusters == c].sum(0) for c in np.unique(clusters)], 1)
+    else:
+        M = np.stack([np.asarray(C[y == g][:, peaks].sum(0)).ravel() for g in np.unique(y)], 1).astype(float)
+        if how == "labelled":
+            assert rec["pseudo_bulk_of"] == "type" and rec["n_samples"] == 3
+    Pref = reference_projection(M, idf, 2, 0)
+    # the final loss is Eq. (3) of the fitted W, H, Z with that P
+    R = full_mask(C.shape[0], 0)
+    assert m.result_["losses"][-1] == pytest.approx(paper_loss(X, m.Z_[1].T, R, m.W_, m.H_, P=Pref), rel=1e-6)
 
 
 def test_cli_and_bad_input(store, client, tmp_path):

@@ -22,7 +22,7 @@ import scatac_dist as sd
 from scatac_dist.datasets import SynthParams, repeak, synthesize
 from scatac_dist.errors import InputError
 from scatac_dist.models import SCEMBED
-from scatac_dist.models._scembed_corpus import EpochCorpusWriter, ShuffledCorpus
+from scatac_dist.models.scembed import EpochCorpusWriter, ShuffledCorpus
 from scatac_dist.ops.corpus import encode_lines, shuffled_documents, token_keys
 from scatac_dist.ops.label_transfer import cluster_vote, knn_vote
 from scatac_dist.ops.regions import overlap_matrix, overlap_pairs, region_words
@@ -225,8 +225,26 @@ def test_annotation_transfers_labels_and_bundle_round_trips(trained, tmp_path):
     for _, grp in obs.groupby("scembed_cluster", observed=True):
         vc = grp["scembed_cell_label"].astype(str).value_counts()
         assert grp["scembed_label"].iloc[0] == sorted(vc[vc == vc.max()].index)[0]  # ties: first label
+    # confidence: the share of the cell's k = 10 nearest reference cells (cosine) that carry its
+    # final label; recomputed with brute-force neighbours (the index is HNSW, approximate: it
+    # may differ on a few cells) and, exactly, with the neighbours the model's index returns
     conf = obs["scembed_confidence"].to_numpy()
-    assert ((conf >= 0) & (conf <= 1)).all()
+    E = q.read("obsm/X_scembed").astype(np.float64)
+    has = obs["scembed_n_regions"].to_numpy() > 0
+    U = E / np.maximum(np.linalg.norm(E, axis=1, keepdims=True), 1e-12)
+    Rf = loaded.reference_ / np.linalg.norm(loaded.reference_, axis=1, keepdims=True)
+    final = pd.Index(loaded.label_names_).get_indexer(obs["scembed_label"].astype(str))
+
+    def share(neigh):
+        nl = np.where(neigh >= 0, loaded.reference_codes_[np.maximum(neigh, 0)], -1)
+        return np.where(final >= 0, (nl == final[:, None]).sum(1) / 10, 0.0)
+
+    brute = np.full((q.n_obs, 10), -1)
+    brute[has] = np.argsort(-(U[has] @ Rf.T), axis=1, kind="stable")[:, :10]
+    assert np.mean(np.abs(conf - share(brute)) < 1e-6) >= 0.95
+    hnsw = np.full((q.n_obs, 10), -1)
+    hnsw[has] = loaded.index_.search(U[has].astype(np.float32), 10)[1]
+    np.testing.assert_allclose(conf, share(hnsw), atol=1e-6)
     assert summary["share_unconfident"] == pytest.approx(float((conf < 0.5).mean()))
     # the cluster vote gives every cell of a cluster one label
     assert obs.groupby("scembed_cluster", observed=True)["scembed_label"].nunique().max() == 1

@@ -13,7 +13,7 @@ import scipy.sparse as sp
 import torch
 
 from scatac_dist.datasets import SynthParams, synthesize
-from scatac_dist.models.scale import _train_rank
+from scatac_dist.models.scale_training import train_rank as _train_rank
 from scatac_dist.modules.scale import SCALEModule
 from scatac_dist.store import open_atlas
 from scatac_dist.train import ShardedStream, StoreRows, TrainConfig, fit, launch, load_checkpoint
@@ -43,20 +43,48 @@ def test_store_rows_match_the_matrix(store):
     np.testing.assert_array_equal(b.to_dense().numpy(), (X[b.cells][:, peaks].toarray() > 0))
 
 
-def test_chunk_cache_is_bounded_and_changes_nothing(store):
+def served_without_the_store(rows: StoreRows, reference: StoreRows, folder) -> list[int]:
+    """The chunks ``rows`` still returns right once the counts under ``folder`` are gone: the
+    ones it serves from memory. (A chunk read from the emptied store comes back wrong or fails.)"""
+    import shutil
+
+    for part in ("data", "indices"):
+        shutil.rmtree(folder / "X" / part)
+    served = []
+    for k in range(rows.n_chunks):
+        want = reference.read_chunk(k)[0].toarray()
+        try:
+            got = rows.read_chunk(k)[0].toarray()
+        except Exception:  # any failure to read means it was not in memory
+            continue
+        if want.any() and np.array_equal(got, want):
+            served.append(k)
+    return served
+
+
+def test_chunk_cache_is_bounded_and_changes_nothing(store, tmp_path):
+    import shutil
+
     plain = StoreRows(store, chunk_rows=40)
     one = plain.read_chunk(0)[0]
     budget = 3 * (one.data.nbytes + one.indices.nbytes + one.indptr.nbytes + 40 * 8)
-    cached = StoreRows(store, chunk_rows=40, cache_bytes=budget)
+    for name in ("cached", "default"):
+        shutil.copytree(store, tmp_path / name)
+    cached = StoreRows(tmp_path / "cached", chunk_rows=40, cache_bytes=budget)
+    default = StoreRows(tmp_path / "default", chunk_rows=40)
     for _ in range(2):  # the second pass is served from the cache where it holds the chunk
-        a = [b.cells for b in ShardedStream(plain, batch_size=32, seed=3).epoch(0)]
-        b = [b for b in ShardedStream(cached, batch_size=32, seed=3).epoch(0)]
-        np.testing.assert_array_equal(np.concatenate(a), np.concatenate([x.cells for x in b]))
-    assert 0 < len(cached._cache) < cached.n_chunks                # some chunks, never all
-    assert cached._cached <= budget
-    for k in cached._cache:
-        np.testing.assert_array_equal(cached.read_chunk(k)[0].toarray(), plain.read_chunk(k)[0].toarray())
-    assert not StoreRows(store, chunk_rows=40)._cache                # off by default
+        a = list(ShardedStream(plain, batch_size=32, seed=3).epoch(0))
+        b = list(ShardedStream(cached, batch_size=32, seed=3).epoch(0))
+        np.testing.assert_array_equal(np.concatenate([x.cells for x in a]), np.concatenate([x.cells for x in b]))
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x.to_dense().numpy(), y.to_dense().numpy())
+        for k in range(default.n_chunks):
+            default.read_chunk(k)
+    held = served_without_the_store(cached, plain, tmp_path / "cached")
+    assert 0 < len(held) < cached.n_chunks                             # some chunks, never all
+    sizes = [plain.read_chunk(k) for k in held]
+    assert sum(m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + r.nbytes for m, r in sizes) <= budget
+    assert served_without_the_store(default, plain, tmp_path / "default") == []   # off by default
 
 
 def test_shards_are_disjoint_shuffled_and_resumable(store):

@@ -1,28 +1,23 @@
 """scCASE's updates with ``Z`` and ``R`` restricted to a sparse support (the atlas mode).
 
 The problem is Eq. (2) (Eq. 3 with a reference) with ``Z[i, j] = 0`` fixed off the support
-``S_j`` of each column: cell ``j`` and its ``k`` nearest cells by Jaccard similarity. With
-``k = n - 1`` it is the exact problem, and the updates here reproduce
-:func:`scatac_dist.ops.sccase.iterate` to rounding. Nothing ``n x n`` or ``m x n`` is ever
-formed; every term of the loss, the gradients and the step sizes goes through:
+``S_j`` of each column: cell ``j`` and its ``k`` nearest cells (:mod:`.sccase_neighbors`),
+and the similarity term taken over the support pairs only. With ``k = n - 1`` the updates
+reproduce :func:`scatac_dist.ops.sccase.iterate` to rounding. Nothing ``n x n`` or ``m x n``
+is formed; every term of the loss, the gradients and the step sizes goes through:
 
 * the support arrays ``nbr``, ``Z``, ``R`` (n x (k+1)), held by the client;
 * ``H`` (K x n), ``W`` (m x K) and ``H H^T`` (K x K);
 * ``q_j = |X (Z o R)_j|^2`` and ``g = (X^T X (Z o R))`` on the support, from
   :func:`scatac_dist.ops.sccase_support.support_quad` (a Dask task per column block);
-* ``X^T W`` (n x K) and ``X V`` (m x K), passes over the pattern (:mod:`._sccase_data`).
+* ``X^T W`` (n x K) and ``X V`` (m x K), passes over the pattern (:mod:`.sccase_pattern`).
 
 The loss expands as ``|X Zr - W H|^2 = sum_j q_j - 2 <Zr, S(X^T W, H)> + tr(W^T W H H^T)``,
-where ``S(U, V)`` samples ``U V^T``-type products on the support pairs. The similarity term
-is ``lam sum_S (Z - H^T H)^2``, over the support pairs only: a pair of cells outside each
-other's neighbourhoods is not observed, rather than observed to be 0. Counting those pairs
-as zeros (``|H H^T|^2 - sum_S (H^T H)^2`` added) asks the rank-K ``H^T H`` to vanish between
-cells of one cluster that are not among each other's k nearest, and it drives ``H`` (then
-``W`` and ``Z``) to 0: on a 360-cell synthetic set with k = 15 every output was 0 after 4
-iterations. With ``k = n - 1`` both forms are the exact mode's term. Per iteration: two passes of
-``support_quad`` (the step of ``Z`` needs ``|X (D o R)|^2``; the updated ``Z`` gives the next
-``q`` and ``g``), one ``X V`` and one ``X^T W``, each more only when a projected step is
-halved.
+where ``S(U, V)`` samples ``U V^T``-type products on the support pairs. Per iteration: two
+passes of ``support_quad`` (the step of ``Z`` needs ``|X (D o R)|^2``; the updated ``Z``
+gives the next ``q`` and ``g``), one ``X V`` and one ``X^T W``, each more only when a
+projected step is halved. Why the similarity term leaves out the pairs off the support, with
+the measurement: ``docs/methods/sccase.md``.
 """
 
 from __future__ import annotations
@@ -37,7 +32,7 @@ from dask import delayed
 
 from ..ops.sccase import SCCASEState, simplex_columns
 from ..ops.sccase_support import support_quad
-from . import _sccase_data as data
+from . import sccase_pattern as data
 
 logger = logging.getLogger("scatac_dist")
 
@@ -93,7 +88,7 @@ class SupportProblem:
 
     def lam_term(self, Z, SH, HHt):
         """``lam |Z - H^T H|^2`` over the support pairs only: pairs off the support are not
-        observed, rather than observed to be 0 (see the module docstring)."""
+        observed, rather than observed to be 0 (``docs/methods/sccase.md``)."""
         return self.lam * float(np.sum((Z - SH) ** 2))
 
     def loss(self, qsum, cross, Z, W, H, SH, HHt):

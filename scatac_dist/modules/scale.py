@@ -1,48 +1,16 @@
 """SCALE's network: an MLP encoder, a linear Bernoulli decoder and a Gaussian-mixture prior.
 
-Equations are those of the SCALE paper (Xiong et al. 2019, Methods, Eq. 1-7)::
+The model is the SCALE paper's (Xiong et al. 2019, Methods, Eq. 1-7)::
 
-    p(x, z, c) = p(x|z) p(z|c) p(c)
-    p(c) = Discrete(pi),   p(z|c) = N(mu_c, sigma_c^2 I),   p(x|z) = Ber(sigmoid(W z + b))
-    ELBO(x) = E_q[log p(x|z)] - KL(q(z, c|x) || p(z, c))
+    p(x, z, c) = p(x|z) p(z|c) p(c),    ELBO(x) = E_q[log p(x|z)] - KL(q(z, c|x) || p(z, c))
 
-with ``q(z, c|x) = q(z|x) q(c|x)``, ``q(z|x) = N(mu(x), diag(exp(logvar(x))))`` and, as in
-the authors' code, ``q(c|x) = p(c|z)`` evaluated at the sampled ``z`` (``gamma``). The KL term
-then has four parts (per cell, summed over latent dimensions ``d`` and components ``c``)::
+with ``q(c|x)`` taken as the authors' floored ``p(c|z)`` (:meth:`GMMPrior.responsibilities`).
+:meth:`SCALEModule.loss_terms` returns the per-cell reconstruction and KL terms. No store
+slots: :class:`scatac_dist.models.SCALE` reads the data and writes the results.
 
-    -E[log p(z|c)] = 1/2 sum_c gamma_c sum_d [log 2 pi + log var_cd + (exp(logvar_d) + (mu_d - mu_cd)^2) / var_cd]
-    -E[log p(c)]   = -sum_c gamma_c log pi_c
-     E[log q(z|x)] = -1/2 sum_d (1 + log 2 pi + logvar_d)
-     E[log q(c|x)] =  sum_c gamma_c log gamma_c
-
-The reconstruction term is the Bernoulli log-likelihood of the binarised peaks, summed over
-peaks. The loss of a batch is the mean over cells of ``recon + kl``.
-
-``pi`` is stored as unconstrained logits (``pi = softmax(logits)``), a departure from the
-authors' code, which keeps ``pi`` raw and unnormalised: there every component's gradient has
-the same sign, so under Adam ``pi`` stays near uniform (holding it uniform here was tried and
-did not help, see :class:`scatac_dist.models.SCALE`). The variances ``sigma_c^2`` are stored
-raw, as the authors do, with a floor of 1e-8 (theirs: ``+ 1e-8``). We first stored them as
-log-variances, so that Adam could never push them out of their domain, but Adam's steps are
-then multiplicative, and the mixture degenerates faster: one component comes to hold nearly
-every cell while the others shrink onto a few cells each, and the dominant variance grows
-(Leukemia, batch 256, seed 1: 70 by 3,000 steps with log-variances, 4 with raw ones; it
-still degenerates, more slowly). On Leukemia at batch 128 (lr 4e-3), k-means ARI after 1,250
-steps went from 0.51, 0.48 and 0.47 (seeds 0-2) with log-variances to 0.69, 0.67 and 0.67
-with raw ones, and after 2,500 steps from 0.21, 0.25 and 0.21 to 0.67, 0.65 and 0.69.
-``gamma`` is the authors' too: ``p(z, c) + 1e-10``, normalised over ``c``. An exact
-``p(c|z)`` gives a cell far from every component wholly to the widest one. Early in training
-the encoder moves the latents several units away from the mixture fitted at the start, so
-within 250 steps one component held every cell, and the others, with no cells, were pulled
-to mean 0 and variance 0 by weight decay and never came back (BM0828, batch 32, seed 0).
-With the floor such a cell's ``gamma`` is flat and every component follows the cells; k-means
-ARI then kept rising with longer training instead of falling (0.50 against 0.23 after 12,000
-steps, same run). The components still end up nearly on top of each other.
-``depth_ref`` adds one term the paper does not have: ``log(open_i / depth_ref)`` on each cell's
-logits in training (see :class:`scatac_dist.models.SCALE`, where it is on by default);
-without it the model is the paper's.
-The encoder has no batch normalisation (the paper names only ReLU), which
-also keeps a DDP step equal to a single-process step over the same cells.
+The four parts of the KL term, the parametrisation of the prior (``pi`` as logits, raw
+variances with a floor), the floor on the responsibilities, the optional per-cell depth
+offset and the measurements behind each: ``docs/methods/scale.md``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """scEmbed documents: each cell is a sentence of its accessible regions, in random order.
 
-Pure NumPy/SciPy kernels used by the corpus writers in :mod:`scatac_dist.models._scembed_corpus`.
+Pure NumPy/SciPy kernels used by the corpus writers in :mod:`scatac_dist.models.scembed_corpus`.
 
 Tokens are compact: peak ``j`` of the store is written as ``j`` in decimal, zero-padded to a
 fixed width (:func:`token_width`). The model's vocabulary is renamed to the paper's

@@ -1,35 +1,16 @@
 """scCASE's objective and its projected-gradient updates, dense (exact mode, small n).
 
-The model (Eq. 2 of the scCASE paper, ``../shared/papers/002_*.txt``), with ``X`` the
-peaks x cells TF-IDF matrix (m x n), ``Z`` the n x n cell similarity, ``R`` a fixed 0/1
-mask, ``W`` (m x K) and ``H`` (K x n) non-negative::
+Eq. (2) of the scCASE paper, with ``X`` the peaks x cells TF-IDF matrix (m x n), ``Z`` the
+n x n cell similarity, ``R`` a fixed 0/1 mask, ``W`` (m x K) and ``H`` (K x n) non-negative::
 
     F = |X (Z o R) - W H|^2 + lam |Z - H^T H|^2 + g1 |W|^2 + g2 |H|^2
 
-Gradients are Eq. (5). ``W`` and ``Z`` take the exact line-search step along their gradient
-(Eq. 6-11): ``F`` is quadratic in the step, so the minimiser is closed-form. The paper's
-printed Eq. (7)-(8) drop the derivative of ``g1 |W|^2``; we keep it, so the step is the
-exact minimiser of Eq. (6) as the paper defines it. ``H`` has quartic terms, so its step is
-found by backtracking from 0.2. Every update is projected onto ``>= 0``.
-
-**scCASER** (Eq. 3 and 13-14) adds ``alpha |P - W1|^2`` for a reference projection ``P``
-(m x k1, from NMF of the reference): ``W = [W1, W2]`` with ``W1`` its first ``k1`` columns,
-which is what the masks ``M`` (1 on W1's columns) and ``N = 1 - M`` of Eq. (13) select. Every
-function takes ``P=None, alpha=0`` and reduces to scCASE without them.
-
-**Z's columns sum to 1.** The paper defines ``Z`` as a similarity "in which each column sums
-to 1", but its updates only project onto ``Z >= 0``, and Eq. (2) then has the trivial
-minimum ``Z = 0, W = 0, H = 0``. ``z_simplex=True`` projects each column onto the
-probability simplex (:func:`simplex_columns`) instead; the default is the printed update.
-Measured on a 360-cell synthetic set (3 types, K = 4, 5 iterations), k-means ARI on the
-enhanced data: 0.85 with the printed update, 0.02 with the simplex (Z spreads evenly and
-``H`` goes to 0); so the option stays off.
-
-Projection after an exact step can still raise ``F``; the paper does not say what to do
-then. We halve that step until ``F`` does not rise (up to ``max_halvings`` times; else the
-matrix is left as it was), so the loss never increases. The authors' code also resamples
-``R`` and rescales the rows of ``H`` each iteration; neither is in the paper, and both make
-the objective move between iterations, so we keep ``R`` fixed and ``H`` as optimised.
+plus ``alpha |P - W1|^2`` for scCASER (Eq. 3, 13-14; every function takes ``P=None``).
+Gradients (Eq. 5), the exact line-search steps of ``W`` and ``Z`` (Eq. 6-11), backtracking
+for ``H`` and the projection onto ``>= 0``; :func:`iterate` runs them. Pure NumPy/SciPy, no
+store. Where this departs from the printed equations (the ``g1`` term of Eq. 7-8, halving a
+projected step that raises ``F``, ``R`` fixed, the optional simplex projection of ``Z``) and
+the measurements: ``docs/methods/sccase.md``.
 """
 
 from __future__ import annotations
@@ -156,7 +137,8 @@ def iterate(X, Z, R, W, H, *, lam: float = 1e6, g1: float = 1.0, g2: float = 1.0
     ``H`` (the order of the authors' code). Stops when ``|F_prev - F| / F_prev < tol`` or
     after ``max_iter`` iterations. ``callback(it, state)`` runs after every iteration.
     ``P``/``alpha``: scCASER's reference term (``W``'s first ``P.shape[1]`` columns are W1).
-    ``z_simplex``: project Z's columns onto the simplex (module docstring) rather than ``>= 0``."""
+    ``z_simplex``: project Z's columns onto the simplex (sum 1, as the paper defines ``Z``)
+    rather than onto ``>= 0`` (the printed update)."""
     # X may stay sparse (every product with it is X @ dense or X.T @ dense)
     X = X.astype(np.float64) if sp.issparse(X) else np.asarray(X, dtype=np.float64)
     Z, R, W, H = (np.asarray(a, dtype=np.float64) for a in (Z, R, W, H))

@@ -3,9 +3,10 @@ sparse support, never as an ``n x n`` matrix.
 
 Notation as in :mod:`scatac_dist.ops.sccase` (``X`` peaks x cells), with the TF-IDF of
 Eq. (1) on binarised data factored as ``X[p, i] = s_i w_p B[i, p]``: ``B`` the cells x peaks
-0/1 pattern (CSR ``indptr``/``indices``), ``s_i = 1 / (peaks of cell i)`` the TF and
-``w_p = log(n / cells with peak p)`` the IDF. Storing only the pattern halves the bytes and
-keeps the values exact.
+0/1 pattern (CSR ``indptr``/``indices``), ``s_i`` the per-cell scale (``1 / (peaks of cell i)``,
+the TF of Eq. 1 as printed, or ``1 / |w over its peaks|`` for unit-length cells, the default)
+and ``w_p = log(n / cells with peak p)`` the IDF. Storing only the pattern halves the bytes
+and keeps the values exact.
 
 Column ``j`` of ``Z`` is held as ``nbr[j, :]`` (its support: cell ``j`` first, then its
 neighbours, distinct) and a value per support entry (``V[j, a]`` is ``Z[nbr[j, a], j]``).

@@ -7,6 +7,8 @@ DDP launch, checkpoints and the training loop.
 * :mod:`.checkpoint` - atomic checkpoints and resume.
 * :mod:`.trainer` - :func:`fit`, the loop: Adam, clipping, early stopping, bf16 on GPU.
 * :mod:`.alloc` - :func:`retain_freed_memory`: freed step buffers stay in the heap (glibc).
+* :mod:`.progress` - the progress line: steps, cells/s, ETA to the early-stopping floor and
+  to ``max_iter``.
 """
 
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint

@@ -120,3 +120,9 @@ class ShuffledCorpus:
     def __iter__(self):
         epoch, self.epoch = self.epoch, self.epoch + 1
         return self.documents(epoch)
+
+
+def chunk_doc_freq(rows: StoreRows, k: int) -> np.ndarray:
+    """Training cells of row chunk ``k`` in which each region is open (the vocabulary pass)."""
+    m, _ = rows.read_chunk(k)
+    return np.bincount(m.indices, minlength=rows.n_vars).astype(np.int64)

@@ -61,7 +61,7 @@ class Pattern:
     """The binarised, peak-filtered matrix of the used cells, on disk.
 
     ``cells``/``peaks``: store rows/columns used (sorted); ``s`` (cells) and ``w`` (peaks):
-    the TF and IDF factors of Eq. (1); ``df``: cells per kept peak.
+    the TF and IDF factors of Eq. (1).
     """
 
     folder: Path
@@ -69,7 +69,6 @@ class Pattern:
     peaks: np.ndarray
     s: np.ndarray
     w: np.ndarray
-    df: np.ndarray
     chunk: int
 
     @property
@@ -194,14 +193,27 @@ def build_pattern(atlas: Atlas, *, min_cell_fraction: float = 0.01, norm: str = 
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
         raise
-    df = dfs[peaks].astype(np.float64)
     if norm == "l1":
         s = np.where(lengths > 0, 1.0 / np.maximum(lengths, 1), 0.0)
     else:
         s = np.where(w2 > 0, 1.0 / np.sqrt(np.where(w2 > 0, w2, 1)), 0.0)
     logger.info("sccase: %d cells x %d peaks in at least %.1f%% of cells (%d stored entries)",
                 n, len(peaks), 100 * min_cell_fraction, total)
-    return Pattern(folder, cells, peaks, s, w, df, int(chunk or atlas.chunk_rows))
+    return Pattern(folder, cells, peaks, s, w, int(chunk or atlas.chunk_rows))
+
+
+def pattern_rows(pat: Pattern, rows: np.ndarray, binary: bool = False) -> sp.csr_matrix:
+    """Rows ``rows`` of the pattern (``binary``) or of ``X^T`` (Eq. 1), as CSR."""
+    indptr, indices = pat.arrays()
+    starts, ends = indptr[rows], indptr[rows + 1]
+    lens = ends - starts
+    cols = np.concatenate([np.asarray(indices[a:b]) for a, b in zip(starts, ends)]) if len(rows) else \
+        np.zeros(0, np.int32)
+    out = sp.csr_matrix((np.ones(len(cols)), cols, np.concatenate([[0], np.cumsum(lens)])),
+                        shape=(len(rows), pat.m))
+    if not binary:
+        out = sp.csr_matrix(sp.diags(pat.s[rows]) @ out @ sp.diags(pat.w))
+    return out
 
 
 @numba.njit(cache=True, nogil=True, boundscheck=False)
