@@ -46,9 +46,9 @@ def train_epochs(w2v, corpus, *, epochs: int, alpha: Callable[[int], float], tot
     """Train ``w2v`` for ``epochs`` epochs on ``corpus`` (an :class:`EpochCorpusWriter` or a
     re-iterable), appending one record per epoch to ``history`` (rate, words, seconds, words/s,
     seconds spent waiting for the corpus)."""
-    from tqdm.auto import tqdm
+    from ..progress import bar as progress_bar
 
-    bar = tqdm(total=epochs, desc="scEmbed epochs", disable=not progress, leave=False)
+    bar = progress_bar(total=epochs, desc="scEmbed epochs", unit="epoch", enabled=progress)
 
     def log(e, n_docs, raw, dt, wait):
         rec = {"epoch": e, "alpha": alpha(e), "words": int(raw), "seconds": dt,

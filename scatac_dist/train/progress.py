@@ -9,7 +9,8 @@ gives both::
 Speeds come from a moving average of the measured step time over the last minute (at least
 100 steps, at most 10,000; data loading, checkpoints and epoch scoring included), so the
 first slow steps are soon forgotten and a burst of fast or slow steps does not swing the
-ETA. Drawn by tqdm on stderr, in one process only (rank 0).
+ETA. Drawn in the package's bar style (:mod:`scatac_dist.progress`: tqdm on stderr), in one
+process only (rank 0).
 """
 
 from __future__ import annotations
@@ -80,13 +81,13 @@ class ProgressBar:
 
     def __init__(self, start_step: int, min_iter: int, max_iter: int, batch_size: int, *,
                  horizon_s: float = 60.0, min_steps: int = 100, max_steps: int = 10_000):
-        from tqdm.auto import tqdm
+        from ..progress import bar
 
         self.min_iter, self.max_iter, self.batch_size = min_iter, max_iter, batch_size
         self.horizon_s, self.min_steps = horizon_s, min_steps
         self.times: deque[float] = deque([time.perf_counter()], maxlen=max_steps + 1)
         self.step, self.loss = start_step, ""
-        self.bar = tqdm(total=max_iter, initial=start_step, bar_format="train |{bar:16}| {desc}")
+        self.bar = bar(total=max_iter, initial=start_step, bar_format="train |{bar:16}| {desc}")
         self._show()
 
     def seconds_per_step(self) -> float | None:
