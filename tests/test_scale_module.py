@@ -176,9 +176,9 @@ def test_retain_freed_memory_keeps_pages_then_gives_them_back():
 
     import pytest
 
-    from scatac_dist.train.alloc import _libc, retain_freed_memory
+    from scatac_dist.train.alloc import glibc, retain_freed_memory
 
-    if not sys.platform.startswith("linux") or _libc() is None:
+    if not sys.platform.startswith("linux") or glibc() is None:
         pytest.skip("glibc only: elsewhere retain_freed_memory does nothing by design")
 
     def rss():

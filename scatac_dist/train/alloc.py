@@ -39,7 +39,8 @@ _DEFAULT_MMAP_MAX = 65536
 
 
 @functools.lru_cache(maxsize=1)
-def _libc():
+def glibc():
+    """glibc as a ctypes library with mallopt and malloc_trim, or None (not Linux, or musl)."""
     if not sys.platform.startswith("linux"):
         return None
     try:
@@ -54,7 +55,7 @@ def _libc():
 @contextlib.contextmanager
 def retain_freed_memory(enabled: bool = True):
     """Within the block, freed memory stays in the heap for the next step (see the module docstring)."""
-    libc = _libc() if enabled else None
+    libc = glibc() if enabled else None
     if libc is None:
         yield
         return
