@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+import scipy.sparse as sp
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("SCATAC_DIST_DATA", REPO.parent / "shared" / "data"))
@@ -52,3 +54,12 @@ def small_chunks():
 def leftovers(folder: Path, keep: set[str]) -> list[str]:
     """Names in ``folder`` other than ``keep``: a failed run must leave nothing behind."""
     return sorted(p.name for p in folder.iterdir() if p.name not in keep)
+
+
+@pytest.fixture
+def counts():
+    """A small random count matrix (60 cells x 40 peaks, CSR, integer-valued floats)."""
+    rng = np.random.default_rng(0)
+    m = sp.random(60, 40, density=0.2, format="csr", random_state=rng, dtype=np.float64)
+    m.data = rng.integers(1, 5, m.nnz).astype(float)
+    return m

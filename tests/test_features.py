@@ -117,14 +117,6 @@ def test_require_intervals_on_both_kinds_of_store(client, tmp_path, data_dir, ca
         require_intervals(a, "export")
 
 
-@pytest.fixture
-def counts():
-    rng = np.random.default_rng(0)
-    m = sp.random(60, 40, density=0.2, format="csr", random_state=rng, dtype=np.float64)
-    m.data = rng.integers(1, 5, m.nnz).astype(float)
-    return m
-
-
 def write_h5ad(path, counts, names):
     path.parent.mkdir(exist_ok=True)
     ad.AnnData(counts, obs=pd.DataFrame(index=[f"c{i}" for i in range(counts.shape[0])]),

@@ -41,14 +41,6 @@ def rewrite_mtx(folder: Path, edit) -> None:
 
 
 @pytest.fixture
-def counts():
-    rng = np.random.default_rng(0)
-    m = sp.random(60, 40, density=0.2, format="csr", random_state=rng, dtype=np.float64)
-    m.data = rng.integers(1, 5, m.nnz).astype(float)
-    return m
-
-
-@pytest.fixture
 def run(cluster, tmp_path):
     """Run the CLI against the test cluster, from tmp_path."""
 
