@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import shutil
+import sys
 
 import anndata as ad
 import numpy as np
@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from click.testing import CliRunner
 
 from scatac_dist.cli import main
-from scatac_dist.cli.context import TQDM_STYLE, show_progress, tqdm_style
+from scatac_dist.cli.context import show_progress
 from scatac_dist.cli.defaults import DefaultFrom, default_of
 from scatac_dist.datasets import SynthParams
 from scatac_dist.store import open_atlas
@@ -405,15 +405,16 @@ def test_progress_policy(monkeypatch):
     assert show_progress(None, io.StringIO()) is False
     assert show_progress(False, Terminal()) is False and show_progress(True, io.StringIO()) is True
 
-    for key in (*TQDM_STYLE, "TQDM_DISABLE", "TQDM_MININTERVAL"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setenv("TQDM_DYNAMIC_NCOLS", "False")  # the user's own setting wins
-    with tqdm_style(False, Terminal()) as added:
-        assert added == {"TQDM_DISABLE": "True"} and os.environ["TQDM_DYNAMIC_NCOLS"] == "False"
-    assert "TQDM_DISABLE" not in os.environ
-    monkeypatch.delenv("TQDM_DYNAMIC_NCOLS")
-    with tqdm_style(True, io.StringIO()) as added:  # bars into a log: few redraws
-        assert added == {**TQDM_STYLE, "TQDM_MININTERVAL": "30"}
-    with tqdm_style(True, Terminal()) as added:
-        assert added == TQDM_STYLE
-    assert not any(k in os.environ for k in (*TQDM_STYLE, "TQDM_DISABLE", "TQDM_MININTERVAL"))
+    # the one bar style: on stderr, terminal width, off when disabled, few redraws into a log
+    from scatac_dist.progress import LOG_MININTERVAL, bar
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    with bar(range(3), desc="x", enabled=False) as b:
+        assert b.disable
+    with bar(range(3), desc="x") as b:
+        assert not b.disable and b.dynamic_ncols and b.mininterval == LOG_MININTERVAL
+        list(b)
+    assert "x: 100%" in sys.stderr.getvalue()
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    with bar(range(3), desc="x") as b:
+        assert b.mininterval < 1

@@ -18,7 +18,7 @@ import logging
 import click
 
 from . import analysis, demo, ingest, scale, sccase, scembed
-from .context import Group, Session, show_progress, tqdm_style
+from .context import Group, Session, show_progress
 
 __all__ = ["main"]
 
@@ -44,10 +44,8 @@ def main(ctx: click.Context, scheduler, workers, threads_per_worker, memory_limi
     if verbose < 2:
         for name in ("distributed", "bokeh", "tornado"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    show = show_progress(progress)
-    ctx.with_resource(tqdm_style(show))
     ctx.obj = Session(scheduler=scheduler, workers=workers, threads=threads_per_worker, memory_limit=memory_limit,
-                      report=performance_report, progress=show)
+                      report=performance_report, progress=show_progress(progress))
     ctx.call_on_close(ctx.obj.close)
 
 

@@ -12,15 +12,14 @@ Errors
 Progress
     Bars are shown when ``--progress`` is given, hidden with ``--no-progress``, and otherwise
     shown only when stderr is a terminal (a batch log gets none). The choice is passed as
-    ``progress=`` to every library call that takes it, bars are tqdm's with one style
-    (:data:`TQDM_STYLE`), and they go to stderr: stdout holds only a command's result (JSON, a
-    path), so ``scatac-dist evaluate ... | jq`` works.
+    ``progress=`` to every library call that takes it; the bars are drawn in the package's one
+    style (:mod:`scatac_dist.progress`) on stderr: stdout holds only a command's result (JSON,
+    a path), so ``scatac-dist evaluate ... | jq`` works.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
@@ -31,7 +30,7 @@ import click
 from ..errors import ScatacError
 
 __all__ = ["CommandError", "Command", "Group", "command", "Session", "pass_session", "show_progress",
-           "tqdm_style", "bars_on_stderr", "TQDM_STYLE"]
+           "bars_on_stderr"]
 
 
 # -- errors -----------------------------------------------------------------------------------
@@ -91,13 +90,6 @@ def command(name: str | None = None, **attrs: Any):
 
 # -- progress ---------------------------------------------------------------------------------
 
-#: tqdm's defaults for every bar drawn under the CLI (tqdm reads ``TQDM_<PARAMETER>``
-#: environment variables for parameters a caller does not pass, when it is first imported).
-TQDM_STYLE = {"TQDM_DYNAMIC_NCOLS": "True"}
-#: Least seconds between redraws when bars go to a file or pipe (one line per redraw there).
-LOG_MININTERVAL = "30"
-
-
 def show_progress(flag: bool | None, stream: TextIO | None = None) -> bool:
     """Whether to draw progress bars: ``--progress``/``--no-progress`` when given (``flag``),
     else only when ``stream`` (stderr, where bars go) is a terminal."""
@@ -109,33 +101,9 @@ def show_progress(flag: bool | None, stream: TextIO | None = None) -> bool:
 
 
 @contextlib.contextmanager
-def tqdm_style(show: bool, stream: TextIO | None = None) -> Iterator[dict[str, str]]:
-    """Set :data:`TQDM_STYLE` (and ``TQDM_DISABLE`` when ``show`` is false, for bars whose
-    caller takes no ``progress=``) in the environment for the duration, without overriding
-    what the user set. It styles every bar of this process, provided tqdm is first imported
-    inside (the commands import the libraries that draw bars lazily, after the global options
-    are read), and of the processes it starts (DDP ranks, local Dask workers). Yields what it set.
-    """
-    stream = sys.stderr if stream is None else stream
-    want = dict(TQDM_STYLE)
-    if not show:
-        want["TQDM_DISABLE"] = "True"
-    elif not (getattr(stream, "isatty", None) and stream.isatty()):
-        want["TQDM_MININTERVAL"] = LOG_MININTERVAL
-    added = {k: v for k, v in want.items() if k not in os.environ}
-    os.environ.update(added)
-    try:
-        yield added
-    finally:
-        for k, v in added.items():
-            if os.environ.get(k) == v:
-                del os.environ[k]
-
-
-@contextlib.contextmanager
 def bars_on_stderr() -> Iterator[None]:
-    """Run library code with stdout sent to stderr, so that what it draws there
-    (``distributed.progress`` writes to stdout) does not mix with the command's result."""
+    """Run library code with stdout sent to stderr, so that anything it prints there (a
+    third-party library's progress line or notice) does not mix with the command's result."""
     with contextlib.redirect_stdout(sys.stderr):
         yield
 

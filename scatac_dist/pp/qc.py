@@ -46,7 +46,7 @@ def calculate_qc_metrics(atlas: Atlas, *, client=None, progress: bool = True) ->
     graphs = [per_cell(X, ops.row_counts), per_cell(X, ops.row_nnz),
               per_peak(X, ops.col_counts), per_peak(X, ops.col_nnz)]
     futures = client.compute(dask.optimize(*graphs))
-    for _ in as_completed_bar(futures, desc="qc", enabled=progress):
+    for _ in as_completed_bar(futures, desc="qc", enabled=progress):  # draw the bar as parts finish
         pass
     cell_counts, cell_nnz, peak_counts, peak_nnz = client.gather(futures)
     t_compute = time.perf_counter() - t0
