@@ -43,6 +43,14 @@ COORDINATES = ("chr", "start", "end")
 _NAME = re.compile(r"^(?P<chr>\S+?)[:_-](?P<start>\d+)[-_](?P<end>\d+)$")
 
 
+def _unique_names(names, source: str | Path, what: str, fix: str) -> pd.Index:
+    """``names`` as a string index, or :class:`InputError` naming the first listed twice."""
+    index = pd.Index(np.asarray(names, dtype=object).astype(str))
+    if index.has_duplicates:
+        raise InputError(source, f"{what} {index[index.duplicated()][0]} is listed more than once", fix)
+    return index
+
+
 def peak_var(chrom: Sequence[str], start: Sequence[int], end: Sequence[int],
              source: str | Path, names: Sequence[str] | None = None) -> pd.DataFrame:
     """Build the ``var`` table of peaks, checking that every interval is valid and unique."""
@@ -58,11 +66,8 @@ def peak_var(chrom: Sequence[str], start: Sequence[int], end: Sequence[int],
     if names is None:
         names = pd.Index(chrom).str.cat([pd.Index(start.astype(str)), pd.Index(end.astype(str))],
                                         sep=":").str.replace(r":(\d+)$", r"-\1", regex=True)
-    index = pd.Index(np.asarray(names, dtype=object).astype(str))
-    if index.has_duplicates:
-        dup = index[index.duplicated()][0]
-        raise InputError(source, f"peak {dup} is listed more than once",
-                         "remove duplicate peaks (e.g. `sort -u` the BED file) and re-export the matrix")
+    index = _unique_names(names, source, "peak",
+                          "remove duplicate peaks (e.g. `sort -u` the BED file) and re-export the matrix")
     return pd.DataFrame({"chr": pd.Categorical(chrom), "start": start, "end": end}, index=index)
 
 
@@ -137,13 +142,8 @@ def var_from_table(var: pd.DataFrame, source: str | Path, *, allow_unplaced: boo
             rest = var.drop(columns=[c, s, e])
             return pd.concat([out, rest], axis=1)
     if allow_unplaced and not pd.Index(var.index).astype(str).str.match(_NAME).any():
-        out = var.copy()
-        out.index = pd.Index(np.asarray(var.index, dtype=object).astype(str))
-        if out.index.has_duplicates:
-            dup = out.index[out.index.duplicated()][0]
-            raise InputError(source, f"feature {dup} is listed more than once",
-                             "make feature names unique (AnnData.var_names_make_unique()) and re-write the file")
-        return out
+        return var.set_axis(_unique_names(var.index, source, "feature", "make feature names unique "
+                                          "(AnnData.var_names_make_unique()) and re-write the file"))
     out = peaks_from_names(var.index, source)
     return pd.concat([out, var.set_axis(out.index)], axis=1)
 
