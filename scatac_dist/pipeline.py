@@ -1,10 +1,13 @@
 """Config-driven batch runs of stages over a store, resumable.
 
 A stage is a function ``fn(atlas, client, **params)`` that writes its results into the store
-and records its provenance. :func:`run_stages` records each completed stage's parameters in
-``uns/scatac_dist/pipeline_<name>`` and skips a stage whose recorded parameters equal the
-requested ones, until one stage has to run, after which all later stages run too (GUIDE
-invariant 5). Re-running a pipeline after a crash continues where it stopped.
+and records its provenance. :func:`run_stages` runs each stage inside one publication
+(:meth:`scatac_dist.store.Atlas.publishing`): its results and its record
+``uns/scatac_dist/pipeline_<name>`` (parameters and the list of outputs) appear together or
+not at all. A stage is skipped when its recorded parameters equal the requested ones *and*
+every output it recorded is still in the store, until one stage has to run, after which all
+later stages run too (GUIDE invariant 5). Re-running a pipeline after a crash continues where
+it stopped.
 """
 
 from __future__ import annotations
@@ -144,16 +147,34 @@ def run_stages(atlas: Atlas, stages: list[Stage], *, client=None, force: bool = 
     report = {}
     rerun = force  # once a stage runs, every later stage runs too: its input changed
     for st in stages:
-        prev = done.get(f"pipeline_{st.name}")
-        if not rerun and prev is not None and prev.get("params") == st.params:
+        why = None if rerun else _why_rerun(atlas, done.get(f"pipeline_{st.name}"), st.params)
+        if not rerun and why is None:
             logger.info("stage %s: already done with these parameters; skipping", st.name)
             report[st.name] = {"skipped": True, "seconds": 0.0}
             continue
+        if why:
+            logger.info("stage %s: %s", st.name, why)
         rerun = True
         t0 = time.perf_counter()
         logger.info("stage %s: running", st.name)
-        st.fn(atlas, client, progress=progress, **st.params)
-        seconds = time.perf_counter() - t0
-        atlas.record(f"pipeline_{st.name}", st.params, {"total": seconds})
-        report[st.name] = {"skipped": False, "seconds": seconds}
+        with atlas.publishing(f"pipeline_{st.name}"):
+            st.fn(atlas, client, progress=progress, **st.params)
+            seconds = time.perf_counter() - t0
+            atlas.record(f"pipeline_{st.name}", st.params, {"total": seconds})
+        report[st.name] = {"skipped": False, "seconds": time.perf_counter() - t0}
     return report
+
+
+def _why_rerun(atlas: Atlas, prev: dict | None, params: dict) -> str | None:
+    """Why a stage recorded as ``prev`` must run again for ``params`` (``None``: it need not)."""
+    if prev is None:
+        return "not run yet"
+    if prev.get("params") != params:
+        return "recorded with other parameters"
+    outputs = prev.get("outputs")
+    if not outputs:
+        return "its record lists no outputs to check (written by an older version)"
+    missing = [o for o in outputs if not atlas.has(o)]
+    if missing:
+        return f"outputs missing from the store: {', '.join(missing)}"
+    return None

@@ -11,10 +11,13 @@ Layout (see docs/architecture.md)::
 A joint RNA+ATAC store is a MuData zarr store whose modalities ``mod/rna`` and ``mod/atac``
 each have the layout above; :class:`Atlas` then works on one modality (``mod="atac"``).
 
-Writes are atomic (GUIDE invariant 5): a new store is built beside its destination and
-renamed into place; a result element is written into a staging folder beside the store and
-swapped in with one rename. A killed run therefore leaves the previous state readable.
-Only one process should write results to a store at a time.
+Writes are atomic per stage (GUIDE invariant 5, docs/architecture.md "Publishing"): a new
+store is built beside its destination and renamed into place; a stage's results are written
+into a *working copy* of the store (its metadata copied, its data files hard-linked, so the
+copy costs one link per file) and the copy is swapped in with one atomic rename
+(:meth:`Atlas.publishing`). A reader at any instant sees the store before the stage or after
+it, consolidated metadata included, and a killed run leaves the previous state readable.
+Every write holds the store's lock (:mod:`scatac_dist.lock`): one writer per store.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from anndata.io import read_elem, write_elem
 
 from . import _config
 from .errors import InputError, OutputExistsError
+from .lock import store_lock
 
 logger = logging.getLogger("scatac_dist")
 
@@ -53,6 +57,9 @@ __all__ = [
     "staged_output",
     "provenance_record",
     "replace_dir",
+    "clone_tree",
+    "clean_orphans",
+    "Publication",
 ]
 
 PROVENANCE_KEY = "scatac_dist"
@@ -88,16 +95,18 @@ def _exchange(a: Path, b: Path) -> bool:
     return rc == 0
 
 
-def replace_dir(src: Path, dst: Path) -> None:
+def replace_dir(src: Path, dst: Path, *, keep_old: bool = False) -> None:
     """Put directory ``src`` at ``dst``, replacing what is there, as atomically as the OS allows.
 
-    On Linux the swap is one atomic exchange. Elsewhere (or on filesystems without
-    RENAME_EXCHANGE) the old directory is renamed away first, so a crash between the two
-    renames leaves it beside ``dst`` as ``dst.old-*`` rather than deleting it.
+    On Linux the swap is one atomic exchange; the old directory is then removed, or with
+    ``keep_old`` left at ``src`` for the caller to remove. Elsewhere (or on filesystems
+    without RENAME_EXCHANGE) the old directory is renamed away first, so a crash between the
+    two renames leaves it beside ``dst`` as ``dst.old-*`` rather than deleting it.
     """
     if dst.exists():
         if _exchange(src, dst):
-            shutil.rmtree(src)
+            if not keep_old:
+                shutil.rmtree(src)
             return
         old = dst.with_name(f"{dst.name}.old-{uuid.uuid4().hex[:8]}")
         os.rename(dst, old)
@@ -107,12 +116,99 @@ def replace_dir(src: Path, dst: Path) -> None:
         os.rename(src, dst)
 
 
+# Files that zarr rewrites in place (group/array metadata, consolidated metadata): a working
+# copy gets its own copies of these; every other file (chunks) is hard-linked, since nothing
+# in scatac-dist writes into an existing chunk of a published store.
+_METADATA = {"zarr.json", ".zattrs", ".zgroup", ".zarray", ".zmetadata"}
+
+
+def clone_tree(src: Path, dst: Path) -> int:
+    """Copy the store ``src`` to ``dst``: metadata files copied, data files hard-linked
+    (copied where the filesystem has no hard links). Returns the number of files."""
+    n = 0
+    link = True
+    for dirpath, dirnames, filenames in os.walk(src):
+        rel = os.path.relpath(dirpath, src)
+        target = dst if rel == "." else dst / rel
+        target.mkdir(parents=True, exist_ok=rel != ".")
+        for name in filenames:
+            a, b = os.path.join(dirpath, name), target / name
+            if link and name not in _METADATA:
+                try:
+                    os.link(a, b)
+                    n += 1
+                    continue
+                except OSError as exc:
+                    logger.warning("%s: no hard links on this filesystem (%s); publishing copies the store",
+                                   src, exc.strerror)
+                    link = False
+            shutil.copy2(a, b)
+            n += 1
+    return n
+
+
+def _fault_point(step: str) -> None:
+    """Fault injection for the crash tests (tests/test_faults_client.py): with
+    ``SCATAC_DIST_FAULT_TRACE`` set, append each publishing step's name to that file; with
+    ``SCATAC_DIST_FAULT_AT=N``, SIGKILL this process at its N-th step (counted from 1)."""
+    trace, at = os.environ.get("SCATAC_DIST_FAULT_TRACE"), os.environ.get("SCATAC_DIST_FAULT_AT")
+    if not (trace or at):
+        return
+    _fault_point.count = getattr(_fault_point, "count", 0) + 1
+    if trace:
+        with open(trace, "a") as fh:
+            fh.write(f"{_fault_point.count}\t{step}\n")
+    if at and int(at) == _fault_point.count:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Publication:
+    """One stage's pending results: the working copy they are written to, and their names."""
+
+    def __init__(self, stage: str, work: Path):
+        self.stage = stage
+        self.work = work
+        self.outputs: list[str] = []
+
+    def wrote(self, name: str) -> None:
+        if name not in self.outputs:
+            self.outputs.append(name)
+
+
+_ORPHANS = ("publish", "staging", "layer", "impute", "tmp", "spool")
+_ours: set[Path] = set()  # scratch folders of this process: never orphans
+
+
+def clean_orphans(store: str | os.PathLike) -> list[Path]:
+    """Remove what killed writers left beside ``store``: working copies, staging and spool
+    folders (``.<name>.<kind>-*``) and old copies of an interrupted portable swap. Only the
+    holder of the store's lock may call this; every publication and ingest does at its start."""
+    store = Path(store).absolute()
+    removed = []
+    if not store.exists():  # killed between the two renames of the portable swap
+        olds = sorted(store.parent.glob(f"{store.name}.old-*"))
+        if olds:
+            os.rename(olds[-1], store)
+            logger.warning("%s: restored from %s (a swap was interrupted)", store, olds[-1].name)
+    for kind in _ORPHANS:
+        removed += sorted(store.parent.glob(f".{store.name}.{kind}-*"))
+    removed += sorted(store.parent.glob(f"{store.name}.old-*"))
+    removed = [p for p in removed if p not in _ours]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    if removed:
+        logger.info("%s: removed %d folder(s) left by an interrupted run", store, len(removed))
+    return removed
+
+
 @contextmanager
 def staged_output(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Build a new store beside ``out`` and publish it there only if the block succeeds.
 
     Yields the temporary path to write to. On any error the temporary store is removed and
-    ``out`` is left as it was.
+    ``out`` is left as it was. Holds the lock of ``out`` (:mod:`scatac_dist.lock`) throughout.
 
     Raises
     ------
@@ -127,15 +223,17 @@ def staged_output(out: str | os.PathLike, *, overwrite: bool = False) -> Iterato
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        yield tmp
-        if not tmp.exists():
-            raise RuntimeError(f"nothing was written to the staging path {tmp}")
-        zarr.consolidate_metadata(str(tmp))
-        replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with store_lock(out):
+        clean_orphans(out)
+        try:
+            yield tmp
+            if not tmp.exists():
+                raise RuntimeError(f"nothing was written to the staging path {tmp}")
+            zarr.consolidate_metadata(str(tmp))
+            replace_dir(tmp, out)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- provenance
@@ -228,11 +326,18 @@ class Atlas:
         self.mod = mod
         self.chunk_rows = int(chunk_rows or _config.get("store.chunk-rows"))
         self.zarr_format = root.metadata.zarr_format
+        self._pub: Publication | None = None
 
     # -- reading -------------------------------------------------------------------------
 
-    def _group(self, mode: str = "r") -> zarr.Group:
-        root = zarr.open_group(str(self.path), mode=mode, use_consolidated=False)
+    @property
+    def current(self) -> Path:
+        """Where reads go: the working copy while a stage publishes (its own results
+        included), else the store. Lazy arrays of the counts always read the store itself."""
+        return self._pub.work if self._pub is not None else self.path
+
+    def _group(self, mode: str = "r", root_path: Path | None = None) -> zarr.Group:
+        root = zarr.open_group(str(root_path or self.current), mode=mode, use_consolidated=False)
         return root[self.group_path] if self.group_path else root
 
     @property
@@ -256,7 +361,8 @@ class Atlas:
         """Lazy counts: a dask array of ``csr_matrix`` blocks of :attr:`chunk_rows` rows."""
         from anndata.experimental import read_elem_lazy
 
-        return read_elem_lazy(self._group()["X"], chunks=(self.chunk_rows, self.n_vars))
+        # the store's own path, never a working copy: a graph may outlive a publication
+        return read_elem_lazy(self._group(root_path=self.path)["X"], chunks=(self.chunk_rows, self.n_vars))
 
     @property
     def obs(self) -> pd.DataFrame:
@@ -269,6 +375,18 @@ class Atlas:
     def read(self, relpath: str) -> Any:
         """Read one element, e.g. ``"obsm/X_lsi"`` or ``"uns/scatac_dist/qc"``."""
         return read_elem(self._group()[relpath])
+
+    def has(self, output: str) -> bool:
+        """Whether an output exists: an element path (``"obsm/X_lsi"``) or a dataframe column
+        (``"obs:leiden"``, ``"var:idf"``), as listed in a stage's provenance ``outputs``."""
+        g = self._group()
+        slot, sep, column = output.partition(":")
+        if not sep:
+            return output in g
+        if slot not in g:
+            return False
+        attrs = g[slot].attrs
+        return column in attrs.get("column-order", []) or column == attrs.get("_index")
 
     def keys(self, slot: str) -> list[str]:
         """Names of the elements in a slot (``"obsm"``, ``"layers"``, ...)."""
@@ -283,6 +401,42 @@ class Atlas:
             return {}
         return {k: json.loads(read_elem(g[key][k])) for k in g[key].keys()}
 
+    # -- restart state of long stages ------------------------------------------------------
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies the counts: shape, nnz, and when and how they were ingested."""
+        prov = self.provenance()
+        ingest = {k: v.get("finished_at") for k, v in prov.items() if k.startswith("ingest")}
+        return {"path": str(self.path), "mod": self.mod, "shape": list(self.shape), "nnz": self.nnz,
+                "ingested": ingest}
+
+    def resume_state(self, stage: str, params: Mapping[str, Any]) -> Path:
+        """The folder where ``stage`` keeps its restart state (an iterate, an epoch's model):
+        ``<parent>/.<store>.resume/<stage>/``. It belongs to one set of parameters on these
+        counts (``fingerprint.json``); state left by other parameters or other data is
+        discarded here, with a log line, so a resumed run never continues someone else's.
+        Remove it with :meth:`clear_resume` once the stage has published."""
+        folder = self.path.with_name(f".{self.path.name}.resume") / stage
+        fp = json.dumps(_jsonable({"params": dict(params), "data": self.identity()}), sort_keys=True)
+        marker = folder / "fingerprint.json"
+        if folder.exists() and (not marker.exists() or marker.read_text() != fp):
+            logger.warning("%s: restart state of %s was left by other parameters or data; starting afresh",
+                           self.path, stage)
+            shutil.rmtree(folder)
+        if not folder.exists():
+            tmp = folder.with_name(f".{stage}.tmp-{uuid.uuid4().hex[:8]}")
+            tmp.mkdir(parents=True)
+            (tmp / "fingerprint.json").write_text(fp)
+            os.rename(tmp, folder)
+        return folder
+
+    def clear_resume(self, stage: str) -> None:
+        """Remove ``stage``'s restart state (after its results are published)."""
+        base = self.path.with_name(f".{self.path.name}.resume")
+        shutil.rmtree(base / stage, ignore_errors=True)
+        if base.exists() and not any(base.iterdir()):
+            base.rmdir()
+
     def to_memory(self) -> ad.AnnData:
         """Load the whole AnnData into memory. Only for small data (tests, examples)."""
         return ad.read_zarr(str(self.path)) if not self.is_mudata else \
@@ -294,37 +448,111 @@ class Atlas:
 
     # -- atomic writes ---------------------------------------------------------------------
 
-    def _publish(self, relpath: str, value: Any) -> None:
-        """Write ``value`` with anndata's encoders aside, then swap it in at ``relpath``."""
-        full = f"{self.group_path}/{relpath}".strip("/")
-        parent, _, name = full.rpartition("/")
-        root = zarr.open_group(str(self.path), mode="a", use_consolidated=False)
+    @contextmanager
+    def publishing(self, stage: str) -> Iterator[Publication]:
+        """Make every write of the enclosed block visible together, or none of them.
+
+        Writes (``write_*``, :meth:`record`, :meth:`put_group`) go to a working copy of the
+        store beside it; reads inside the block see them. On success the copy's metadata is
+        consolidated and the copy swapped in with one atomic rename; on an error (or a kill)
+        the store is as it was. A nested block joins the outer one. The block holds the
+        store's lock (:func:`scatac_dist.lock.store_lock`), taking it if this process does
+        not hold it yet.
+        """
+        if self._pub is not None:
+            yield self._pub
+            return
+        with store_lock(self.path):
+            self.clean_orphans()
+            _fault_point(f"{stage}: begin")
+            work = self.path.with_name(f".{self.path.name}.publish-{uuid.uuid4().hex[:8]}")
+            try:
+                clone_tree(self.path, work)
+                _fault_point(f"{stage}: working copy made")
+                self._pub = pub = Publication(stage, work)
+                try:
+                    yield pub
+                finally:
+                    self._pub = None
+                zarr.consolidate_metadata(str(work))
+                _fault_point(f"{stage}: metadata consolidated")
+                replace_dir(work, self.path, keep_old=True)  # the old store is now at `work`
+                _fault_point(f"{stage}: swapped in")
+            finally:
+                if work.exists():
+                    shutil.rmtree(work, ignore_errors=True)
+
+    def clean_orphans(self) -> list[Path]:
+        """Remove what killed writers left beside the store; see :func:`clean_orphans`."""
+        return clean_orphans(self.path)
+
+    def scratch(self, kind: str) -> Path:
+        """A new empty folder beside the store for building a large element (removed by the
+        caller, or by :meth:`clean_orphans` after a kill). ``kind``: ``"layer"`` or ``"impute"``."""
+        if kind not in _ORPHANS:
+            raise ValueError(f"scratch kind {kind!r}: use one of {_ORPHANS}")
+        p = self.path.with_name(f".{self.path.name}.{kind}-{uuid.uuid4().hex[:8]}")
+        p.mkdir(parents=True)
+        _ours.add(p)
+        return p
+
+    def _ensure_parent(self, full: str) -> None:
+        parent = full.rpartition("/")[0]
+        root = zarr.open_group(str(self._pub.work), mode="a", use_consolidated=False)
         if parent and parent not in root:
             # a plain dict group, tagged so anndata reads it without an OldFormatWarning
             g = root.require_group(parent)
             g.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+
+    def _publish(self, relpath: str, value: Any, outputs: tuple[str, ...] | None = None) -> None:
+        """Write ``value`` with anndata's encoders aside, then swap it in at ``relpath`` of
+        the working copy (of the enclosing publication, or of one of its own). ``outputs``:
+        the names it counts as (default ``relpath``), e.g. ``obs:<column>``."""
+        if self._pub is None:
+            with self.publishing(relpath):
+                return self._publish(relpath, value, outputs)
+        full = f"{self.group_path}/{relpath}".strip("/")
+        self._ensure_parent(full)
         staging = self.path.with_name(f".{self.path.name}.staging-{uuid.uuid4().hex[:8]}")
         try:
             sg = zarr.open_group(str(staging), mode="w", zarr_format=self.zarr_format)
+            name = full.rpartition("/")[2]
             write_elem(sg, name, value)
-            replace_dir(staging / name, self.path / full)
+            replace_dir(staging / name, self._pub.work / full)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        zarr.consolidate_metadata(str(self.path))
+        for name in outputs or (relpath,):
+            self._pub.wrote(name)
+        _fault_point(f"{self._pub.stage}: wrote {relpath}")
+
+    def put_group(self, relpath: str, src: str | os.PathLike) -> None:
+        """Move a finished zarr array or group folder ``src`` (built in :meth:`scratch`) to
+        ``relpath`` (e.g. ``"layers/sccase"``), replacing what is there, in the enclosing
+        publication (or one of its own)."""
+        if self._pub is None:
+            with self.publishing(relpath):
+                return self.put_group(relpath, src)
+        full = f"{self.group_path}/{relpath}".strip("/")
+        self._ensure_parent(full)
+        replace_dir(Path(src), self._pub.work / full)
+        self._pub.wrote(relpath)
+        _fault_point(f"{self._pub.stage}: wrote {relpath}")
 
     def write_obs(self, columns: pd.DataFrame | Mapping[str, Any]) -> None:
         """Add or replace ``obs`` columns (rewrites ``obs`` atomically; it is O(n_cells))."""
-        obs = self.obs
-        for k, v in (columns.items()):
-            obs[k] = np.asarray(v) if not isinstance(v, pd.Series) else v.to_numpy()
-        self._publish("obs", obs)
+        with self.publishing("obs"):
+            obs = self.obs
+            for k, v in (columns.items()):
+                obs[k] = np.asarray(v) if not isinstance(v, pd.Series) else v.to_numpy()
+            self._publish("obs", obs, outputs=tuple(f"obs:{k}" for k in columns))
 
     def write_var(self, columns: pd.DataFrame | Mapping[str, Any]) -> None:
         """Add or replace ``var`` columns (rewrites ``var`` atomically)."""
-        var = self.var
-        for k, v in columns.items():
-            var[k] = np.asarray(v) if not isinstance(v, pd.Series) else v.to_numpy()
-        self._publish("var", var)
+        with self.publishing("var"):
+            var = self.var
+            for k, v in columns.items():
+                var[k] = np.asarray(v) if not isinstance(v, pd.Series) else v.to_numpy()
+            self._publish("var", var, outputs=tuple(f"var:{k}" for k in columns))
 
     def write_obsm(self, key: str, value: Any) -> None:
         """Write ``obsm[key]`` (n_cells x d)."""
@@ -347,9 +575,14 @@ class Atlas:
 
     def record(self, stage: str, params: Mapping[str, Any], timings: Mapping[str, float],
                **extra: Any) -> dict:
-        """Store a stage's provenance in ``uns/scatac_dist/<stage>`` and return it."""
-        rec = provenance_record(stage, params, timings, **extra)
-        self._publish(f"uns/{PROVENANCE_KEY}/{stage}", json.dumps(rec))
+        """Store a stage's provenance in ``uns/scatac_dist/<stage>`` and return it.
+
+        Inside :meth:`publishing` the record lists the block's outputs so far (``outputs``),
+        which a resumed run checks before it skips the stage."""
+        with self.publishing(stage):
+            outputs = [o for o in self._pub.outputs if not o.startswith(f"uns/{PROVENANCE_KEY}/")]
+            rec = provenance_record(stage, params, timings, outputs=outputs, **extra)
+            self._publish(f"uns/{PROVENANCE_KEY}/{stage}", json.dumps(rec))
         return rec
 
     @staticmethod

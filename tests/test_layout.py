@@ -18,7 +18,8 @@ SHARED = {"_config", "errors", "progress"}
 ALLOWED = {
     "ops": set(),
     "blocks": {"ops"},
-    "store": set(),
+    "lock": set(),
+    "store": {"lock"},
     "cluster": set(),
     "io": {"ops", "blocks", "store", "cluster"},
     "datasets": {"ops", "blocks", "store", "io", "cluster"},
@@ -28,9 +29,9 @@ ALLOWED = {
     "train": {"ops", "blocks", "store", "modules"},
     "pl": {"store"},
     "models": {"ops", "blocks", "store", "io", "pp", "tl", "modules", "train", "cluster"},
-    "pipeline": {"ops", "blocks", "store", "io", "pp", "tl", "cluster", "pl"},
+    "pipeline": {"ops", "blocks", "lock", "store", "io", "pp", "tl", "cluster", "pl"},
     "demo": {"ops", "blocks", "store", "io", "pp", "tl", "models", "cluster", "datasets", "pipeline", "pl"},
-    "cli": {"ops", "blocks", "store", "io", "pp", "tl", "models", "modules", "train", "cluster", "datasets",
+    "cli": {"ops", "blocks", "lock", "store", "io", "pp", "tl", "models", "modules", "train", "cluster", "datasets",
             "pipeline", "pl", "demo"},
     "__init__": None,  # the package root re-exports the public API
 }

@@ -34,6 +34,7 @@ def run(session: Session, store, config, n_clusters, mod, force):
     from ..store import open_atlas
 
     atlas = open_atlas(store, mod=mod)
+    session.lock(atlas.path)
     if n_clusters is not None and not 1 <= n_clusters <= atlas.n_obs:
         raise click.BadParameter(f"must be between 1 and the {atlas.n_obs} cells", param_hint="--n-clusters")
     overrides = yaml.safe_load(Path(config).read_text()) if config else {}

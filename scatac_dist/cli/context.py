@@ -153,6 +153,13 @@ class Session:
             self.stack.enter_context(maybe_performance_report(self.report))
         return self._client
 
+    def lock(self, store) -> None:
+        """Hold the write lock of ``store`` until the invocation ends (one writer per store,
+        :mod:`scatac_dist.lock`). Every command that writes to a store calls this first."""
+        from ..lock import store_lock
+
+        self.stack.enter_context(store_lock(store))
+
     def close(self) -> None:
         """Write the performance report, stop the client and the cluster it started."""
         self.stack.close()

@@ -12,7 +12,6 @@ holds the row lengths (O(n_cells)).
 from __future__ import annotations
 
 import shutil
-import uuid
 
 import dask
 import numpy as np
@@ -20,7 +19,7 @@ import zarr
 from dask import delayed
 
 from .. import _config
-from ..store import Atlas, replace_dir
+from ..store import Atlas
 from .writer import _fill_chunk
 
 
@@ -33,22 +32,16 @@ def _spool(pieces, path: str) -> int:
 
 
 def publish_layer(atlas: Atlas, src, key: str) -> None:
-    """Swap the finished array group ``src`` in as ``layers[key]`` (one atomic rename),
-    creating the ``layers`` group if the store has none."""
-    root = zarr.open_group(str(atlas.path), mode="a", use_consolidated=False)
-    parent = f"{atlas.group_path}/layers".strip("/")
-    if parent not in root:
-        lg = root.require_group(parent)
-        lg.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
-    replace_dir(src, atlas.path / parent / key)
-    zarr.consolidate_metadata(str(atlas.path))
+    """Put the finished array group ``src`` in as ``layers[key]``, in the enclosing
+    publication (:meth:`Atlas.publishing`), creating the ``layers`` group if need be."""
+    atlas.put_group(f"layers/{key}", src)
 
 
 def write_csr_layer(atlas: Atlas, key: str, blocks: list, rows: np.ndarray, n_cols: int | None = None) -> int:
     """Write ``layers[key]`` from ``blocks`` (delayed CSR pieces, in order) covering the store
     rows ``rows`` (sorted). Returns the number of stored entries."""
     n_cols = atlas.n_vars if n_cols is None else n_cols
-    staging = atlas.path.with_name(f".{atlas.path.name}.layer-{uuid.uuid4().hex[:8]}")
+    staging = atlas.scratch("layer")
     spool = staging / "spool"
     spool.mkdir(parents=True)
     try:

@@ -70,9 +70,10 @@ def filter_cells(atlas: Atlas, *, min_counts: float | None = None, max_counts: f
 def _write_cells(atlas, keep, stage, params, t0) -> dict:
     if not keep.any():
         raise ValueError(f"{stage}: no cell passes {params}; loosen the thresholds")
-    atlas.write_obs({"pass_qc": keep})
-    res = {"cells_kept": int(keep.sum()), "cells_removed": int((~keep).sum())}
-    atlas.record(stage, params, {"total": time.perf_counter() - t0}, result=res)
+    with atlas.publishing(stage):
+        atlas.write_obs({"pass_qc": keep})
+        res = {"cells_kept": int(keep.sum()), "cells_removed": int((~keep).sum())}
+        atlas.record(stage, params, {"total": time.perf_counter() - t0}, result=res)
     logger.info("%s: kept %d of %d cells", stage, res["cells_kept"], len(keep))
     return res
 
@@ -80,9 +81,10 @@ def _write_cells(atlas, keep, stage, params, t0) -> dict:
 def _write_peaks(atlas, keep, stage, params, t0) -> dict:
     if not keep.any():
         raise ValueError(f"{stage}: no peak passes {params}; loosen the thresholds")
-    atlas.write_var({"pass_qc": keep})
-    res = {"peaks_kept": int(keep.sum()), "peaks_removed": int((~keep).sum())}
-    atlas.record(stage, params, {"total": time.perf_counter() - t0}, result=res)
+    with atlas.publishing(stage):
+        atlas.write_var({"pass_qc": keep})
+        res = {"peaks_kept": int(keep.sum()), "peaks_removed": int((~keep).sum())}
+        atlas.record(stage, params, {"total": time.perf_counter() - t0}, result=res)
     logger.info("%s: kept %d of %d peaks", stage, res["peaks_kept"], len(keep))
     return res
 

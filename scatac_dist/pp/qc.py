@@ -50,16 +50,17 @@ def calculate_qc_metrics(atlas: Atlas, *, client=None, progress: bool = True) ->
         pass
     cell_counts, cell_nnz, peak_counts, peak_nnz = client.gather(futures)
     t_compute = time.perf_counter() - t0
-    atlas.write_obs({"total_counts": cell_counts, "n_peaks_by_counts": cell_nnz})
-    atlas.write_var({"total_counts": peak_counts, "n_cells_by_counts": peak_nnz})
-    summary = {
-        "n_cells": int(len(cell_counts)),
-        "n_peaks": int(len(peak_counts)),
-        "median_counts_per_cell": float(np.median(cell_counts)),
-        "median_peaks_per_cell": float(np.median(cell_nnz)),
-        "empty_cells": int((cell_nnz == 0).sum()),
-        "empty_peaks": int((peak_nnz == 0).sum()),
-    }
-    atlas.record("qc", {}, {"compute": t_compute, "total": time.perf_counter() - t0}, result=summary)
+    with atlas.publishing("qc"):
+        atlas.write_obs({"total_counts": cell_counts, "n_peaks_by_counts": cell_nnz})
+        atlas.write_var({"total_counts": peak_counts, "n_cells_by_counts": peak_nnz})
+        summary = {
+            "n_cells": int(len(cell_counts)),
+            "n_peaks": int(len(peak_counts)),
+            "median_counts_per_cell": float(np.median(cell_counts)),
+            "median_peaks_per_cell": float(np.median(cell_nnz)),
+            "empty_cells": int((cell_nnz == 0).sum()),
+            "empty_peaks": int((peak_nnz == 0).sum()),
+        }
+        atlas.record("qc", {}, {"compute": t_compute, "total": time.perf_counter() - t0}, result=summary)
     logger.info("qc: %s", summary)
     return summary

@@ -58,10 +58,11 @@ def select_features(atlas: Atlas, *, n_features: int = 500_000, flavor: str = "s
         sel = top_accessible(score, n_features, eligible=np.isfinite(score))
     if not sel.any():
         raise ValueError("select_features: no peak selected; check the peak filter (var['pass_qc'])")
-    atlas.write_var({"selected": sel, "n_cells_selected": counts})
-    res = {"n_selected": int(sel.sum())}
-    atlas.record("select_features", dict(n_features=n_features, flavor=flavor, lower_quantile=lower_quantile,
-                                         upper_quantile=upper_quantile),
-                 {"total": time.perf_counter() - t0}, result=res)
+    with atlas.publishing("select_features"):
+        atlas.write_var({"selected": sel, "n_cells_selected": counts})
+        res = {"n_selected": int(sel.sum())}
+        atlas.record("select_features", dict(n_features=n_features, flavor=flavor, lower_quantile=lower_quantile,
+                                             upper_quantile=upper_quantile),
+                     {"total": time.perf_counter() - t0}, result=res)
     logger.info("select_features (%s): %d peaks", flavor, res["n_selected"])
     return res

@@ -58,9 +58,10 @@ def tfidf(atlas: Atlas, *, method: str = "signac1", binarize: bool = True, scale
     idf = idf_from_counts(totals, int(cells.sum()), method)
     full = np.zeros(atlas.n_vars)
     full[peaks] = idf
-    atlas.write_var({"idf": full})
-    atlas.record("tfidf", dict(method=method, binarize=binarize, scale_factor=scale_factor),
-                 {"total": time.perf_counter() - t0})
+    with atlas.publishing("tfidf"):
+        atlas.write_var({"idf": full})
+        atlas.record("tfidf", dict(method=method, binarize=binarize, scale_factor=scale_factor),
+                     {"total": time.perf_counter() - t0})
     return tfidf_view(atlas)
 
 

@@ -66,15 +66,16 @@ def lsi(atlas: Atlas, *, n_comps: int = 30, depth_corr_cutoff: float | None = 0.
     if scale_dims:
         sd = emb.std(axis=1, keepdims=True)
         emb = (emb - emb.mean(axis=1, keepdims=True)) / np.where(sd > 0, sd, 1)
-    atlas.write_obsm(key_added, _full_rows(atlas, cells, emb))
-    loadings = np.zeros((atlas.n_vars, int(keep.sum())), dtype=np.float32)
-    loadings[selected_peaks(atlas)] = Vt[keep].T
-    atlas.write_varm("lsi_loadings", loadings)
-    res = {"singular_values": s.tolist(), "depth_correlation": corr.tolist(),
-           "dropped_components": np.flatnonzero(~keep).tolist(), "n_comps": int(keep.sum())}
-    atlas.record("lsi", dict(n_comps=n_comps, depth_corr_cutoff=depth_corr_cutoff, drop_first=drop_first,
-                             scale_dims=scale_dims, n_iter=n_iter, seed=seed, key_added=key_added),
-                 {"total": time.perf_counter() - t0}, result=res)
+    with atlas.publishing("lsi"):
+        atlas.write_obsm(key_added, _full_rows(atlas, cells, emb))
+        loadings = np.zeros((atlas.n_vars, int(keep.sum())), dtype=np.float32)
+        loadings[selected_peaks(atlas)] = Vt[keep].T
+        atlas.write_varm("lsi_loadings", loadings)
+        res = {"singular_values": s.tolist(), "depth_correlation": corr.tolist(),
+               "dropped_components": np.flatnonzero(~keep).tolist(), "n_comps": int(keep.sum())}
+        atlas.record("lsi", dict(n_comps=n_comps, depth_corr_cutoff=depth_corr_cutoff, drop_first=drop_first,
+                                 scale_dims=scale_dims, n_iter=n_iter, seed=seed, key_added=key_added),
+                     {"total": time.perf_counter() - t0}, result=res)
     logger.info("lsi: %d components (dropped %s for depth)", res["n_comps"], res["dropped_components"])
     return res
 
@@ -120,11 +121,12 @@ def spectral(atlas: Atlas, *, n_comps: int = 30, weighted_by_sd: bool = True, ke
     if weighted_by_sd:
         pos = evals > 0
         evecs, evals = evecs[:, pos] * np.sqrt(evals[pos]), evals[pos]
-    atlas.write_obsm(key_added, _full_rows(atlas, cells, evecs))
-    res = {"eigenvalues": evals.tolist()}
-    atlas.record("spectral", dict(n_comps=n_comps, weighted_by_sd=weighted_by_sd, keep_first=keep_first,
-                                  n_iter=n_iter, n_oversamples=n_oversamples, seed=seed,
-                                  key_added=key_added), {"total": time.perf_counter() - t0}, result=res)
+    with atlas.publishing("spectral"):
+        atlas.write_obsm(key_added, _full_rows(atlas, cells, evecs))
+        res = {"eigenvalues": evals.tolist()}
+        atlas.record("spectral", dict(n_comps=n_comps, weighted_by_sd=weighted_by_sd, keep_first=keep_first,
+                                      n_iter=n_iter, n_oversamples=n_oversamples, seed=seed,
+                                      key_added=key_added), {"total": time.perf_counter() - t0}, result=res)
     return res
 
 

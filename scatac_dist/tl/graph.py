@@ -85,10 +85,11 @@ def neighbors(atlas: Atlas, *, use_rep: str = "X_spectral", n_neighbors: int = 1
     n = E.shape[0]
     D = sp.csr_matrix((dist.ravel(), (np.repeat(np.arange(n), n_neighbors), idx.ravel())), shape=(n, n))
     C = connectivities(idx, dist, n)
-    atlas.write_obsp("distances", _expand(D, ok))
-    atlas.write_obsp("connectivities", _expand(C, ok))
-    atlas.record("neighbors", dict(use_rep=use_rep, n_neighbors=n_neighbors, seed=seed),
-                 {"total": time.perf_counter() - t0})
+    with atlas.publishing("neighbors"):
+        atlas.write_obsp("distances", _expand(D, ok))
+        atlas.write_obsp("connectivities", _expand(C, ok))
+        atlas.record("neighbors", dict(use_rep=use_rep, n_neighbors=n_neighbors, seed=seed),
+                     {"total": time.perf_counter() - t0})
     return {"n_cells": int(n)}
 
 
@@ -183,10 +184,11 @@ def leiden(atlas: Atlas, *, resolution: float = 1.0, n_clusters: int | None = No
         lab = leiden_labels(C, resolution, seed, flavor)
     full = np.full(atlas.n_obs, None, dtype=object)
     full[ok] = lab.astype(str)
-    atlas.write_obs({key_added: pd.Categorical(full)})
-    k = len(np.unique(lab))
-    atlas.record(key_added, dict(resolution=resolution, n_clusters=n_clusters, seed=seed, flavor=flavor),
-                 {"total": time.perf_counter() - t0}, result={"n_clusters": k, "resolution": resolution})
+    with atlas.publishing(key_added):
+        atlas.write_obs({key_added: pd.Categorical(full)})
+        k = len(np.unique(lab))
+        atlas.record(key_added, dict(resolution=resolution, n_clusters=n_clusters, seed=seed, flavor=flavor),
+                     {"total": time.perf_counter() - t0}, result={"n_clusters": k, "resolution": resolution})
     return {"n_clusters": k, "resolution": resolution}
 
 
@@ -229,9 +231,10 @@ def kmeans(atlas: Atlas, n_clusters: int, *, use_rep: str = "X_spectral", n_init
         lab = KMeans(n_clusters, n_init=n_init, random_state=seed).fit_predict(E)
     full = np.full(atlas.n_obs, None, dtype=object)
     full[ok] = lab.astype(str)
-    atlas.write_obs({key_added: pd.Categorical(full)})
-    atlas.record(key_added, dict(n_clusters=n_clusters, use_rep=use_rep, n_init=n_init, seed=seed,
-                                 backend=backend), {"total": time.perf_counter() - t0})
+    with atlas.publishing(key_added):
+        atlas.write_obs({key_added: pd.Categorical(full)})
+        atlas.record(key_added, dict(n_clusters=n_clusters, use_rep=use_rep, n_init=n_init, seed=seed,
+                                     backend=backend), {"total": time.perf_counter() - t0})
     return {"n_clusters": n_clusters, "backend": backend}
 
 
@@ -266,7 +269,8 @@ def umap(atlas: Atlas, *, use_rep: str = "X_spectral", n_neighbors: int = 15, mi
         Y[sample] = model.embedding_
     out = np.full((atlas.n_obs, 2), np.nan, dtype=np.float32)
     out[ok] = Y
-    atlas.write_obsm("X_umap", out)
-    atlas.record("umap", dict(use_rep=use_rep, n_neighbors=n_neighbors, min_dist=min_dist, seed=seed,
-                              fit_max_cells=fit_max_cells), {"total": time.perf_counter() - t0})
+    with atlas.publishing("umap"):
+        atlas.write_obsm("X_umap", out)
+        atlas.record("umap", dict(use_rep=use_rep, n_neighbors=n_neighbors, min_dist=min_dist, seed=seed,
+                                  fit_max_cells=fit_max_cells), {"total": time.perf_counter() - t0})
     return {"n_cells": int(ok.sum())}

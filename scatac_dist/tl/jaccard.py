@@ -84,8 +84,9 @@ def jaccard(atlas: Atlas, k: int | None = 30, *, sub_rows: int = 1000, key_added
     per_row[cells] = keep.sum(axis=1)
     indptr = np.concatenate([[0], np.cumsum(per_row)])
     G = sp.csr_matrix((val[keep], cells[idx[keep]], indptr), shape=(atlas.n_obs, atlas.n_obs))
-    atlas.write_obsp(key_added, G)
-    atlas.record("jaccard", dict(k=k, sub_rows=sub_rows, key_added=key_added), {"total": time.perf_counter() - t0},
-                 result={"n_cells": int(n), "mean_top_similarity": float(val[:, 0].mean())})
+    with atlas.publishing("jaccard"):
+        atlas.write_obsp(key_added, G)
+        atlas.record("jaccard", dict(k=k, sub_rows=sub_rows, key_added=key_added), {"total": time.perf_counter() - t0},
+                     result={"n_cells": int(n), "mean_top_similarity": float(val[:, 0].mean())})
     logger.info("jaccard: top-%d neighbours of %d cells in %.1f s", k, n, time.perf_counter() - t0)
     return G
