@@ -13,13 +13,17 @@ def _transform(model, E):
 
 def transform_in_parallel(model, E: np.ndarray, rows: int = 50_000) -> np.ndarray:
     """``model.transform(E)`` in row blocks on the Dask workers (in this process without a
-    cluster). The model travels to each worker once."""
+    cluster). The model travels to each worker once (as one task of the graph, so a worker
+    that dies does not take it with it: see :func:`share`)."""
     try:
         from distributed import default_client
 
         client = default_client()
     except ValueError:
         return model.transform(E)
-    fut = client.scatter(model, broadcast=False, hash=False)
-    parts = [client.submit(_transform, fut, E[a:a + rows], pure=False) for a in range(0, E.shape[0], rows)]
-    return np.concatenate(client.gather(parts))
+    import dask
+    from dask import delayed
+
+    shared = delayed(model, pure=False, traverse=False)
+    parts = [delayed(_transform, pure=False)(shared, E[a:a + rows]) for a in range(0, E.shape[0], rows)]
+    return np.concatenate(dask.compute(*parts))

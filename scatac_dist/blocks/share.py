@@ -10,16 +10,16 @@ __all__ = ["share", "small_array", "cache_fits"]
 
 
 def share(a: np.ndarray):
-    """``a`` as one object that many tasks refer to: a scattered future on a distributed
-    cluster, a single delayed key otherwise (never a copy per task)."""
+    """``a`` as one object that many tasks refer to: a single key of the graph (never a copy
+    per task).
+
+    It is a literal task of the graph rather than scattered data: the scheduler holds its
+    value, so when the worker that kept it dies, the tasks that need it get it again and the
+    computation goes on (scattered data would be lost with that worker, and every task that
+    refers to it cancelled)."""
     from dask import delayed
 
-    try:
-        from distributed import default_client
-
-        return default_client().scatter(a, broadcast=False, hash=False)
-    except ValueError:
-        return delayed(a, pure=False)
+    return delayed(a, pure=False, traverse=False)
 
 
 def small_array(a: np.ndarray) -> da.Array:
