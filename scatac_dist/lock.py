@@ -126,14 +126,20 @@ def store_lock(store: str | os.PathLike, command: str | None = None) -> Iterator
 
 
 def _acquire(store: Path, path: Path, command: str | None) -> tuple[int, str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(path.parent, f"cannot create this folder ({exc.strerror})",
+                         "choose an output folder you can write to") from exc
     host = socket.gethostname()
     while True:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except PermissionError as exc:
-            raise InputError(path.parent, f"cannot create the store's lock file {path.name} ({exc.strerror})",
-                             "write to a folder you may write to, or copy the store there") from exc
+        except OSError as exc:
+            raise InputError(path.parent, f"cannot write in this folder ({exc.strerror}): the store's lock "
+                             f"file {path.name} cannot be created",
+                             "write to a folder you can write to (copy the store there first to add results "
+                             "to it)") from exc
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

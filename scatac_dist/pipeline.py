@@ -82,8 +82,30 @@ def validate(stages: list[Stage]) -> None:
             bad = sorted(set(st.params) - set(valid))
             if bad:
                 raise ValueError(f"stage {st.name!r} has no parameter(s) {bad}; valid: {', '.join(valid)}")
+            for name, value in st.params.items():
+                _check_type(st.name, name, value, sig.parameters[name].default)
         if st.name == "tfidf" and "method" in st.params:
             check_method(st.params["method"])
+
+
+def _check_type(stage: str, name: str, value: Any, default: Any) -> None:
+    """A parameter from run.yaml must have the type of its default (an int may stand for a float)."""
+    import inspect
+
+    if default is inspect.Parameter.empty or default is None or value is None:
+        return
+    want = type(default)
+    if want is bool:
+        ok = isinstance(value, bool)
+    elif want is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif want is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, want)
+    if not ok:
+        raise ValueError(f"stage {stage!r}: {name} must be a {want.__name__} like its default {default!r}, "
+                         f"not the {type(value).__name__} {value!r}")
 
 
 #: Every stage by name. ``run`` uses DEFAULT_RUN unless a config names others.
@@ -119,9 +141,14 @@ def default_stages(n_clusters: int | None = None, overrides: dict[str, dict] | N
     """The default run; with ``n_clusters`` Leiden searches its resolution to that count and
     k-means runs too. ``overrides`` maps stage names to parameter updates (from run.yaml)."""
     overrides = overrides or {}
+    if not isinstance(overrides, dict):
+        raise ValueError(f"the config must map stage names to parameters, not a {type(overrides).__name__}")
     unknown = set(overrides) - set(STAGES)
     if unknown:
         raise ValueError(f"unknown stage(s) {sorted(unknown)} in the config; valid: {', '.join(STAGES)}")
+    flat = [name for name, params in overrides.items() if not isinstance(params, dict)]
+    if flat:
+        raise ValueError(f"stage(s) {flat} must map parameter names to values (e.g. lsi: {{n_comps: 50}})")
     plan = [(name, dict(params)) for name, params in DEFAULT_RUN]
     if n_clusters is not None:
         plan = [(n, {**p, "n_clusters": n_clusters} if n == "leiden" else p) for n, p in plan]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import errno
 import json
 import logging
 import os
@@ -59,6 +60,8 @@ __all__ = [
     "replace_dir",
     "clone_tree",
     "clean_orphans",
+    "scratch_dir",
+    "read_count_rows",
     "Publication",
 ]
 
@@ -127,7 +130,7 @@ def clone_tree(src: Path, dst: Path) -> int:
     (copied where the filesystem has no hard links). Returns the number of files."""
     n = 0
     link = True
-    for dirpath, dirnames, filenames in os.walk(src):
+    for dirpath, _, filenames in os.walk(src):
         rel = os.path.relpath(dirpath, src)
         target = dst if rel == "." else dst / rel
         target.mkdir(parents=True, exist_ok=rel != ".")
@@ -177,7 +180,25 @@ class Publication:
             self.outputs.append(name)
 
 
-_ORPHANS = ("publish", "staging", "layer", "impute", "tmp", "spool")
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+@contextmanager
+def _no_space_is_input_error(store: Path, doing: str) -> Iterator[None]:
+    """Turn a full disk, a quota, or a read-only or forbidden folder met while writing into
+    an :class:`InputError`: the write is abandoned and the store left as it was."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _FULL:
+            raise
+        where = exc.filename or store
+        raise InputError(store, f"{doing} failed: {exc.strerror} ({where}); the store is unchanged",
+                         "free space on that filesystem (or write somewhere you may), then run the same "
+                         "command again: finished stages are kept") from exc
+
+
+_ORPHANS = ("publish", "staging", "layer", "impute", "tmp", "spool", "buckets")
 _ours: set[Path] = set()  # scratch folders of this process: never orphans
 
 
@@ -203,6 +224,19 @@ def clean_orphans(store: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def scratch_dir(store: str | os.PathLike, kind: str) -> Path:
+    """A new empty folder ``.<store>.<kind>-<id>`` beside ``store`` (``kind``: one of
+    ``publish, staging, layer, impute, tmp, spool, buckets``), for building something large
+    before it is published. The caller removes it; after a kill, :func:`clean_orphans` does."""
+    if kind not in _ORPHANS:
+        raise ValueError(f"scratch kind {kind!r}: use one of {_ORPHANS}")
+    store = Path(store).absolute()
+    p = store.with_name(f".{store.name}.{kind}-{uuid.uuid4().hex[:8]}")
+    p.mkdir(parents=True)
+    _ours.add(p)
+    return p
+
+
 @contextmanager
 def staged_output(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Build a new store beside ``out`` and publish it there only if the block succeeds.
@@ -223,7 +257,7 @@ def staged_output(out: str | os.PathLike, *, overwrite: bool = False) -> Iterato
         )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with store_lock(out):
+    with store_lock(out), _no_space_is_input_error(out, "writing the new store"):
         clean_orphans(out)
         try:
             yield tmp
@@ -327,6 +361,7 @@ class Atlas:
         self.chunk_rows = int(chunk_rows or _config.get("store.chunk-rows"))
         self.zarr_format = root.metadata.zarr_format
         self._pub: Publication | None = None
+        self._check_counts()
 
     # -- reading -------------------------------------------------------------------------
 
@@ -358,11 +393,45 @@ class Atlas:
 
     @property
     def X(self):
-        """Lazy counts: a dask array of ``csr_matrix`` blocks of :attr:`chunk_rows` rows."""
-        from anndata.experimental import read_elem_lazy
+        """Lazy counts: a dask array of ``csr_matrix`` blocks of :attr:`chunk_rows` rows.
 
-        # the store's own path, never a working copy: a graph may outlive a publication
-        return read_elem_lazy(self._group(root_path=self.path)["X"], chunks=(self.chunk_rows, self.n_vars))
+        Each block is read by one task (:func:`read_count_rows`); a block that cannot be
+        decoded raises :class:`~scatac_dist.errors.InputError` naming the store and the rows.
+        Reads go to the store's own path, never a working copy: a graph may outlive a
+        publication."""
+        import dask.array as da
+        from dask.base import tokenize
+
+        n, p = self.shape
+        x = self._group(root_path=self.path)["X"]
+        dtype = np.dtype(x["data"].dtype)
+        rows = tuple(min(self.chunk_rows, n - a) for a in range(0, n, self.chunk_rows)) or (0,)
+        stamp = os.stat(self.path / self.group_path / "X").st_mtime_ns
+        name = "read-counts-" + tokenize(str(self.path), self.group_path, self.chunk_rows, n, p, stamp)
+        return da.map_blocks(read_count_rows, chunks=(rows, (p,)), dtype=dtype, name=name,
+                             meta=sp.csr_matrix((0, 0), dtype=dtype), store=str(self.path),
+                             group=self.group_path, chunk_rows=self.chunk_rows)
+
+    def _check_counts(self) -> None:
+        """Refuse a store whose X is not CSR counts, or misses chunk files of X."""
+        g = self._group(root_path=self.path)
+        if "X" not in g:
+            raise InputError(self.path, "has no X (no count matrix)",
+                             "ingest the counts with `scatac-dist ingest`")
+        enc = g["X"].attrs.get("encoding-type")
+        if enc != "csr_matrix":
+            kind = {"array": "a dense array", "csc_matrix": "a CSC matrix"}.get(enc, enc or "an unknown encoding")
+            raise InputError(self.path, f"holds X as {kind}, not the CSR counts scatac-dist "
+                             "works on (a store written by another tool?)",
+                             "save it as .h5ad (adata.write_h5ad) and run `scatac-dist ingest FILE.h5ad -o "
+                             "STORE.zarr`, which checks and converts it")
+        for part in ("data", "indices", "indptr"):
+            arr = g["X"][part]
+            if arr.nchunks_initialized < arr.nchunks:
+                raise InputError(self.path / self.group_path / "X" / part,
+                                 f"{arr.nchunks - arr.nchunks_initialized} of its {arr.nchunks} chunk files "
+                                 "are missing (the store is incomplete: an interrupted copy?)",
+                                 "copy the store again from its source, or re-ingest the counts")
 
     @property
     def obs(self) -> pd.DataFrame:
@@ -462,7 +531,7 @@ class Atlas:
         if self._pub is not None:
             yield self._pub
             return
-        with store_lock(self.path):
+        with store_lock(self.path), _no_space_is_input_error(self.path, f"publishing {stage}"):
             self.clean_orphans()
             _fault_point(f"{stage}: begin")
             work = self.path.with_name(f".{self.path.name}.publish-{uuid.uuid4().hex[:8]}")
@@ -487,14 +556,8 @@ class Atlas:
         return clean_orphans(self.path)
 
     def scratch(self, kind: str) -> Path:
-        """A new empty folder beside the store for building a large element (removed by the
-        caller, or by :meth:`clean_orphans` after a kill). ``kind``: ``"layer"`` or ``"impute"``."""
-        if kind not in _ORPHANS:
-            raise ValueError(f"scratch kind {kind!r}: use one of {_ORPHANS}")
-        p = self.path.with_name(f".{self.path.name}.{kind}-{uuid.uuid4().hex[:8]}")
-        p.mkdir(parents=True)
-        _ours.add(p)
-        return p
+        """A new empty folder beside the store for building a large element; see :func:`scratch_dir`."""
+        return scratch_dir(self.path, kind)
 
     def _ensure_parent(self, full: str) -> None:
         parent = full.rpartition("/")[0]
@@ -589,6 +652,27 @@ class Atlas:
     def _check_len(value: Any, n: int, what: str) -> None:
         if value.shape[0] != n:
             raise ValueError(f"{what} has {value.shape[0]} rows but the atlas has {n}")
+
+
+def read_count_rows(block_id=None, *, store: str, group: str, chunk_rows: int) -> sp.csr_matrix:
+    """Rows ``[i * chunk_rows, (i + 1) * chunk_rows)`` of X (block ``i``) as CSR.
+
+    Raises
+    ------
+    InputError
+        If a chunk of X cannot be read or decoded (a damaged store), naming the rows.
+    """
+    from anndata.io import sparse_dataset
+
+    a = block_id[0] * chunk_rows
+    try:
+        root = zarr.open_group(store, mode="r", use_consolidated=False)
+        x = sparse_dataset((root[group] if group else root)["X"])
+        return x[a: min(a + chunk_rows, x.shape[0])]
+    except Exception as exc:  # every codec and filesystem error means the same to the user
+        raise InputError(store, f"rows {a}-{a + chunk_rows} of X cannot be read ({type(exc).__name__}: {exc})",
+                         "the store is damaged (a disk or copy error); restore it from a copy or re-ingest "
+                         "the counts") from None
 
 
 def open_atlas(path: str | os.PathLike, *, mod: str | None = None,

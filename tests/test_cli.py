@@ -223,7 +223,7 @@ def test_run_evaluate_plot(cluster, tmp_path):
     r = on(cluster, "run", store, "--config", cfg)
     assert r.exit_code == 2 and "unknown stage" in r.output
     r = on(cluster, "run", store, "--n-clusters", 5000)
-    assert r.exit_code == 2 and "between 1 and the 900 cells" in r.output
+    assert r.exit_code == 2 and "more than its 900 cells" in r.output
     check_error(invoke("evaluate", store, "--truth", "nope", "--pred", "kmeans"),
                 str(store), "no obs column 'nope'", "Fix: use one of: celltype")
     # an unknown TF-IDF name or parameter fails before any stage runs, naming the valid ones

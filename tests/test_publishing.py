@@ -25,7 +25,7 @@ from click.testing import CliRunner
 from scatac_dist.cli import main
 from scatac_dist.datasets import SynthParams, synthesize
 from scatac_dist.lock import StoreLockedError, holds_lock, lock_path, store_lock
-from scatac_dist.pipeline import Stage, STAGES, run_stages
+from scatac_dist.pipeline import STAGES, Stage, run_stages
 from scatac_dist.store import open_atlas
 
 from .conftest import leftovers

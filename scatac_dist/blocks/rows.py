@@ -18,7 +18,7 @@ def transform_in_parallel(model, E: np.ndarray, rows: int = 50_000) -> np.ndarra
     try:
         from distributed import default_client
 
-        client = default_client()
+        default_client()
     except ValueError:
         return model.transform(E)
     import dask

@@ -36,12 +36,14 @@ def run(session: Session, store, config, n_clusters, mod, force):
     atlas = open_atlas(store, mod=mod)
     session.lock(atlas.path)
     if n_clusters is not None and not 1 <= n_clusters <= atlas.n_obs:
-        raise click.BadParameter(f"must be between 1 and the {atlas.n_obs} cells", param_hint="--n-clusters")
-    overrides = yaml.safe_load(Path(config).read_text()) if config else {}
+        raise InputError(atlas.path, f"--n-clusters {n_clusters} is more than its {atlas.n_obs} cells",
+                         f"give --n-clusters between 1 and {atlas.n_obs}")
     try:
+        overrides = yaml.safe_load(Path(config).read_text()) if config else {}
         stages = default_stages(n_clusters, overrides)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--config") from None
+    except (ValueError, yaml.YAMLError) as exc:
+        raise InputError(config, str(exc).rstrip("."), "edit the config: stage names and parameters are "
+                         "listed in docs/methods/pipeline.md") from None
     if atlas.nnz == 0:
         raise InputError(atlas.path, "holds no counts (nnz = 0)", "ingest a non-empty matrix")
     client = session.client()

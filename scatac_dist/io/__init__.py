@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -25,7 +24,8 @@ import pandas as pd
 
 from .. import _config
 from ..errors import InputError
-from ..store import Atlas
+from ..lock import store_lock
+from ..store import Atlas, scratch_dir
 from .features import COORDINATES, require_intervals
 from .h5ad import plan_h5ad
 from .labels import join_labels, read_labels
@@ -161,63 +161,64 @@ def ingest(
     client = client or current_client()
     label_table = read_labels(labels) if labels else None
     t0 = time.perf_counter()
-    workdir = out.with_name(f".{out.name}.buckets-{uuid.uuid4().hex[:8]}")
-    try:
-        plans = []
-        formats = []
-        for i, path in enumerate(inputs):
-            fmt = detect_format(path) if format == "auto" else format
-            if not path.exists():
-                raise InputError(path, "does not exist", "check the path")
-            wd = workdir / str(i)
-            if fmt == "10x-mtx":
-                plan = plan_10x_mtx(path, workdir=wd, chunk_rows=chunk_rows, client=client,
-                                    round_counts=round_counts, progress=progress)
-            elif fmt == "10x-h5":
-                plan = plan_10x_h5(path, chunk_rows=chunk_rows)
-            else:
-                plan = plan_h5ad(path, chunk_rows=chunk_rows, workdir=wd, layer=layer, client=client,
-                                 round_counts=round_counts, progress=progress)
-            plans.append(plan)
-            formats.append(fmt)
+    with store_lock(out):  # from the first byte written: the buckets go beside the output too
+        workdir = scratch_dir(out, "buckets")
+        try:
+            plans = []
+            formats = []
+            for i, path in enumerate(inputs):
+                fmt = detect_format(path) if format == "auto" else format
+                if not path.exists():
+                    raise InputError(path, "does not exist", "check the path")
+                wd = workdir / str(i)
+                if fmt == "10x-mtx":
+                    plan = plan_10x_mtx(path, workdir=wd, chunk_rows=chunk_rows, client=client,
+                                        round_counts=round_counts, progress=progress)
+                elif fmt == "10x-h5":
+                    plan = plan_10x_h5(path, chunk_rows=chunk_rows)
+                else:
+                    plan = plan_h5ad(path, chunk_rows=chunk_rows, workdir=wd, layer=layer, client=client,
+                                     round_counts=round_counts, progress=progress)
+                plans.append(plan)
+                formats.append(fmt)
 
-        keys = list(plans[0].var)
-        for p in plans[1:]:
-            if list(p.var) != keys:
-                raise InputError(p.source, f"has modalities {list(p.var)} but {plans[0].source} has {keys}",
-                                 "ingest joint RNA+ATAC and ATAC-only inputs separately")
-        for key in keys:
-            placed = [set(COORDINATES) <= set(p.var[key].columns) for p in plans]
-            if any(placed) and not all(placed):
-                with_c = [str(p.source) for p, c in zip(plans, placed) if c]
-                without = [str(p.source) for p, c in zip(plans, placed) if not c]
-                raise InputError(without[0], f"its features have no genomic coordinates but those of {with_c[0]} "
-                                 "do, so the two cannot be matched peak for peak",
-                                 "give every input coordinates (var columns chr, start and end, or features "
-                                 "named chr:start-end), or ingest them separately")
-        var = {key: _join_features(plans, key, join) for key in keys}
+            keys = list(plans[0].var)
+            for p in plans[1:]:
+                if list(p.var) != keys:
+                    raise InputError(p.source, f"has modalities {list(p.var)} but {plans[0].source} has {keys}",
+                                     "ingest joint RNA+ATAC and ATAC-only inputs separately")
+            for key in keys:
+                placed = [set(COORDINATES) <= set(p.var[key].columns) for p in plans]
+                if any(placed) and not all(placed):
+                    with_c = [str(p.source) for p, c in zip(plans, placed) if c]
+                    without = [str(p.source) for p, c in zip(plans, placed) if not c]
+                    raise InputError(without[0], f"its features have no genomic coordinates but those of {with_c[0]} "
+                                     "do, so the two cannot be matched peak for peak",
+                                     "give every input coordinates (var columns chr, start and end, or features "
+                                     "named chr:start-end), or ingest them separately")
+            var = {key: _join_features(plans, key, join) for key in keys}
 
-        obs = pd.concat([p.obs for p in plans]) if len(plans) > 1 else plans[0].obs.copy()
-        if len(plans) > 1:
-            names = list(batch_names) if batch_names else [_batch_name(p.source) for p in plans]
-            if len(names) != len(plans) or len(set(names)) != len(names):
-                raise InputError(None, f"batch names {names} are not one unique name per input",
-                                 "pass --batch-names with one distinct name per input")
-            batch = np.repeat(names, [len(p.obs) for p in plans])
-            obs[batch_key] = pd.Categorical(batch, categories=names)
-            if obs.index.has_duplicates:
-                logger.info("barcodes collide across inputs: appending '-<batch>' to every barcode")
-                obs["barcode"] = obs.index.to_numpy()
-                obs.index = pd.Index([f"{b}-{n}" for b, n in zip(obs.index, batch)])
-        obs.index = obs.index.astype(str)
-        if label_table is not None:
-            obs = join_labels(obs, label_table, labels)
+            obs = pd.concat([p.obs for p in plans]) if len(plans) > 1 else plans[0].obs.copy()
+            if len(plans) > 1:
+                names = list(batch_names) if batch_names else [_batch_name(p.source) for p in plans]
+                if len(names) != len(plans) or len(set(names)) != len(names):
+                    raise InputError(None, f"batch names {names} are not one unique name per input",
+                                     "pass --batch-names with one distinct name per input")
+                batch = np.repeat(names, [len(p.obs) for p in plans])
+                obs[batch_key] = pd.Categorical(batch, categories=names)
+                if obs.index.has_duplicates:
+                    logger.info("barcodes collide across inputs: appending '-<batch>' to every barcode")
+                    obs["barcode"] = obs.index.to_numpy()
+                    obs.index = pd.Index([f"{b}-{n}" for b, n in zip(obs.index, batch)])
+            obs.index = obs.index.astype(str)
+            if label_table is not None:
+                obs = join_labels(obs, label_table, labels)
 
-        params = {"inputs": [str(p) for p in inputs], "formats": formats, "labels": labels,
-                  "chunk_rows": chunk_rows, "round_counts": round_counts, "join": join,
-                  "layer": layer}
-        logger.info("planned %d input(s) in %.1f s; writing %s", len(plans), time.perf_counter() - t0, out)
-        return write_atlas(out, plans, obs=obs, var=var, client=client, overwrite=overwrite,
-                           round_counts=round_counts, provenance=params, progress=progress)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
+            params = {"inputs": [str(p) for p in inputs], "formats": formats, "labels": labels,
+                      "chunk_rows": chunk_rows, "round_counts": round_counts, "join": join,
+                      "layer": layer}
+            logger.info("planned %d input(s) in %.1f s; writing %s", len(plans), time.perf_counter() - t0, out)
+            return write_atlas(out, plans, obs=obs, var=var, client=client, overwrite=overwrite,
+                               round_counts=round_counts, provenance=params, progress=progress)
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)

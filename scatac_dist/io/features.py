@@ -24,6 +24,7 @@ A name of the form ``word_<int>_<int>`` (``peak_10_20``) parses as an interval o
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +34,8 @@ import pandas as pd
 
 from ..errors import InputError
 from ._open import open_text
+
+logger = logging.getLogger("scatac_dist")
 
 __all__ = ["read_bed", "peaks_from_names", "peak_var", "require_intervals"]
 
@@ -68,7 +71,28 @@ def peak_var(chrom: Sequence[str], start: Sequence[int], end: Sequence[int],
                                         sep=":").str.replace(r":(\d+)$", r"-\1", regex=True)
     index = _unique_names(names, source, "peak",
                           "remove duplicate peaks (e.g. `sort -u` the BED file) and re-export the matrix")
+    _note_order(chrom, start, end, source)
     return pd.DataFrame({"chr": pd.Categorical(chrom), "start": start, "end": end}, index=index)
+
+
+def _note_order(chrom: np.ndarray, start: np.ndarray, end: np.ndarray, source: str | Path) -> None:
+    """Unsorted or overlapping peaks are accepted as they are (docs/architecture.md, "Bad
+    input"): the columns of the matrix follow the peak file, and no method here needs the
+    peaks sorted or disjoint (region overlaps are computed per chromosome after sorting).
+    A warning says so, since either is unusual for a peak caller's output."""
+    same_next = chrom[1:] == chrom[:-1]
+    runs = 1 + int((~same_next).sum()) if len(chrom) else 0
+    unsorted = int((same_next & (start[1:] < start[:-1])).sum()) + (runs - len(np.unique(chrom)))
+    order = np.lexsort((start, chrom))
+    c, s_, e = chrom[order], start[order], end[order]
+    same = c[1:] == c[:-1]
+    overlapping = int((same & (s_[1:] < e[:-1])).sum())
+    if unsorted:
+        logger.warning("%s: the peaks are not sorted by chromosome and start (%d places); they are "
+                       "kept in file order, as the matrix's columns are", source, unsorted)
+    if overlapping:
+        logger.warning("%s: %d peaks overlap the previous one on their chromosome; they are kept as "
+                       "separate features", source, overlapping)
 
 
 def read_bed(path: str | Path) -> pd.DataFrame:
