@@ -339,3 +339,50 @@ def test_cli_train_encode_annotate(trained, tmp_path, cluster):
     out = subprocess.run(exe + ["encode", str(b), "--model", str(tmp_path / "nothing")], capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 2 and "not a scEmbed model folder" in out.stderr
+
+
+def test_resume_from_saved_epoch_is_bit_equal(synth, client, tmp_path, monkeypatch, caplog):
+    """An interrupted fit (iterable corpus, one gensim thread) goes on from its last saved
+    epoch and ends bit-equal to an uninterrupted one; a state left by other parameters is
+    discarded, and a finished fit leaves nothing beside the store."""
+    import logging
+    import shutil
+
+    from scatac_dist.models import _scembed_training
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(synth.path, store)
+    kw = dict(epochs=4, dim=8, min_count=3, workers=1, corpus="iterable", umap=False, progress=False)
+    want = SCEMBED(**kw).fit(store).vectors_
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]  # restart state and lock removed
+
+    save = _scembed_training.EpochState.save
+
+    def save_then_die(self, w2v, *, epochs_done, **extra):
+        save(self, w2v, epochs_done=epochs_done, **extra)
+        if epochs_done == 2:
+            raise KeyboardInterrupt("killed after epoch 2")
+
+    monkeypatch.setattr(_scembed_training.EpochState, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        SCEMBED(**kw).fit(store)
+    monkeypatch.setattr(_scembed_training.EpochState, "save", save)
+    assert (tmp_path / ".s.zarr.resume" / "scembed" / "state.pkl").exists()
+    with caplog.at_level(logging.INFO, logger="scatac_dist"):
+        m = SCEMBED(**kw).fit(store)
+    assert "resuming from epoch 2 of 4" in caplog.text
+    np.testing.assert_array_equal(m.vectors_, want)
+    assert m.train_summary_["resumed_from_epoch"] == 2 and [h["epoch"] for h in m.history_] == [0, 1, 2, 3]
+    assert [round(h["alpha"], 6) for h in m.history_] == [0.1, 0.095, 0.09025, 0.085737]
+
+    # a state saved under other parameters is not continued
+    monkeypatch.setattr(_scembed_training.EpochState, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        SCEMBED(**kw).fit(store)
+    monkeypatch.setattr(_scembed_training.EpochState, "save", save)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="scatac_dist"):
+        m = SCEMBED(**(kw | {"seed": 1})).fit(store)
+    assert "left by other parameters or data" in caplog.text and "resuming" not in caplog.text
+    assert m.train_summary_["resumed_from_epoch"] == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.zarr"]

@@ -43,7 +43,8 @@ def _load(folder: Path, session: Session):
               help="file: shards written by the Dask workers, the next epoch while this one trains; "
                    "iterable: read in this process (small data).")
 @train_option("--corpus-dir", type=click.Path(path_type=Path),
-              help="Folder for corpus files (default: a temporary folder; must be visible to the workers).")
+              help="Folder for corpus files (default: beside the store, in its .resume folder; "
+                   "must be visible to the workers).")
 @click.option("--skip-gram", is_flag=True, help="word2vec skip-gram instead of CBOW (about 3.4x slower).")
 @train_option("--labels", "labels_key", metavar="KEY", help="obs column to keep as reference labels for annotate.")
 @click.option("--no-umap", is_flag=True, help="Do not fit the reference UMAP (EV-projection).")
@@ -53,19 +54,20 @@ def _load(folder: Path, session: Session):
 @pass_session
 def train(session: Session, store, epochs, dim, window, workers, min_count, alpha, corpus, corpus_dir, skip_gram,
           labels_key, no_umap, model_out, seed, mod):
-    """Train on STORE and write obsm['X_scembed'] (and, with --labels, the reference for annotate)."""
+    """Train on STORE and write obsm['X_scembed'] (and, with --labels, the reference for annotate).
+
+    A killed run, started again with the same command, goes on from the last finished epoch."""
     from ..models import SCEMBED
     from ..store import open_atlas
 
     atlas = open_atlas(store, mod=mod)
+    session.lock(atlas.path)
     session.client()
     switches = ({"sg": 1} if skip_gram else {}) | ({"umap": False} if no_umap else {})
     with bars_on_stderr():
         m = SCEMBED(epochs=epochs, dim=dim, window=window, workers=workers, min_count=min_count, alpha=alpha,
                     corpus=corpus, corpus_dir=str(corpus_dir) if corpus_dir else None, labels_key=labels_key,
-                    seed=seed, progress=session.progress, **switches).fit(atlas)
-    if model_out:
-        m.save(model_out)
+                    seed=seed, progress=session.progress, **switches).fit(atlas, model_out=model_out)
     click.echo(json.dumps(m.train_summary_ | {"seconds": m.timings_}, indent=1))
 
 
@@ -82,6 +84,7 @@ def encode(session: Session, store, model_dir, key_added, no_umap, mod):
 
     m = _load(model_dir, session)
     atlas = open_atlas(store, mod=mod)
+    session.lock(atlas.path)
     session.client()
     switches = {"umap": False} if no_umap else {}
     with bars_on_stderr():
@@ -110,6 +113,7 @@ def annotate(session: Session, store, model_dir, k, min_confidence, no_cluster_v
 
     m = _load(model_dir, session)
     atlas = open_atlas(store, mod=mod)
+    session.lock(atlas.path)
     session.client()
     switches = {"by_cluster": False} if no_cluster_vote else {}
     with bars_on_stderr():

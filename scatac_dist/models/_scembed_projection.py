@@ -5,6 +5,8 @@ and the Leiden clusters of the cluster vote.
 
 from __future__ import annotations
 
+import uuid
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -12,6 +14,7 @@ import scipy.sparse as sp
 from ..ops.regions import overlap_matrix, overlap_pairs
 from ..store import Atlas
 from ..train.data import StoreRows
+from .scembed_corpus import shared
 
 
 def universe_mapping(peaks: pd.DataFrame, uni: pd.DataFrame) -> tuple[sp.csr_matrix, dict]:
@@ -46,8 +49,11 @@ def encode_store(atlas: Atlas, ovl: sp.csr_matrix, vectors: np.ndarray, client) 
     """Every cell's embedding (the mean vector of the universe regions it touches; zeros for
     none) and that number of regions, one task per row chunk."""
     rows = StoreRows(atlas.path, mod=atlas.mod, chunk_rows=atlas.chunk_rows)
-    rows_f, ovl_f, V_f = (client.scatter(x, broadcast=True, hash=False) for x in (rows, ovl, vectors))
-    futs = [client.submit(_encode_chunk, rows_f, k, ovl_f, V_f, pure=False) for k in range(rows.n_chunks)]
+    # shared futures, not scattered data: a worker lost mid-pass costs a recompute, not the run
+    rows_f, ovl_f, V_f = (shared(client, x, name) for x, name in ((rows, "rows"), (ovl, "overlap"),
+                                                                    (vectors, "vectors")))
+    futs = [client.submit(_encode_chunk, rows_f, k, ovl_f, V_f, pure=False, key=f"scembed-encode-{k}-{uuid.uuid4().hex[:6]}")
+            for k in range(rows.n_chunks)]
     E = np.zeros((atlas.n_obs, vectors.shape[1]), np.float32)
     n_regions = np.zeros(atlas.n_obs, np.int64)
     for f in futs:

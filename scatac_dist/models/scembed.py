@@ -26,11 +26,12 @@ loop in :mod:`._scembed_training`, projection and the vote's clusters in
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
-import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,6 +40,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from ..errors import InputError
+from ..lock import store_lock
 from ..ops.corpus import MAX_TOKENS, token_keys
 from ..ops.label_transfer import cluster_vote, knn_vote
 from ..ops.regions import region_words
@@ -46,8 +48,8 @@ from ..store import Atlas, open_atlas
 from ..train.data import StoreRows
 from ._scembed_bundle import read_bundle, write_bundle
 from ._scembed_projection import encode_store, fit_umap, hnsw_index, unit, universe_mapping, vote_clusters
-from ._scembed_training import dask_client, store_peaks, train_epochs
-from .scembed_corpus import EpochCorpusWriter, ShuffledCorpus, chunk_doc_freq
+from ._scembed_training import EpochState, dask_client, store_peaks, train_epochs
+from .scembed_corpus import EpochCorpusWriter, ShuffledCorpus, chunk_doc_freq, shared
 
 logger = logging.getLogger("scatac_dist")
 
@@ -75,7 +77,8 @@ class SCEMBED:
         ``"file"``: shards written by Dask workers, next epoch written while this one trains;
         ``"iterable"``: a reshuffling iterable read in this process (small data).
     corpus_dir
-        Folder for the corpus files (default: a temporary folder); must be visible to the workers.
+        Folder for the corpus files (default: a folder in the store's resume folder beside the
+        store, ``.<store>.resume/scembed/corpus-*``); must be visible to the workers.
     seed
         Seeds word2vec, the documents' shuffles, the UMAP sample and the clustering.
     labels_key
@@ -133,21 +136,44 @@ class SCEMBED:
         """The learning rate at the start of ``epoch``."""
         return max(self.alpha * self.lr_decay ** epoch, self.min_alpha)
 
-    def fit(self, store: str | Path | Atlas, *, mod: str | None = None, encode: bool = True) -> SCEMBED:
+    def train_params(self) -> dict:
+        """The parameters a trained model depends on (``workers`` resolved): a resumed run
+        continues a saved state only if these are the same."""
+        keys = ("dim", "window", "epochs", "min_count", "alpha", "lr_decay", "min_alpha", "sg", "negative",
+                "corpus", "seed", "max_tokens")
+        return {k: getattr(self, k) for k in keys} | {"workers": int(self.workers or os.cpu_count() or 1)}
+
+    def fit(self, store: str | Path | Atlas, *, mod: str | None = None, encode: bool = True,
+            model_out: str | Path | None = None) -> SCEMBED:
         """Train on ``store``'s cells (those with ``obs['pass_qc']`` if present), then encode
         the store into ``obsm['X_scembed']`` (``encode=True``) and, with ``labels_key``, keep
         the labelled cells as the reference for :meth:`annotate`.
+
+        Resumable: after every epoch the model is saved in the store's resume folder
+        (:meth:`scatac_dist.store.Atlas.resume_state`); a run killed in training, run again
+        with the same parameters on the same store, goes on from the last finished epoch
+        (logged as ``resuming from epoch k``). The outputs and the provenance record are
+        published together (one :meth:`~scatac_dist.store.Atlas.publishing` block); the
+        bundle is saved to ``model_out`` if given; then the restart state is removed.
+        With ``workers=1`` a resumed run gives the same vectors, bit for bit, as an
+        uninterrupted one; with more gensim threads no two runs are bit-equal (see
+        docs/methods/scembed.md, "Resume and determinism").
 
         Returns
         -------
         SCEMBED
             ``self``, with the fitted attributes set.
         """
+        self._check()
+        atlas = store if isinstance(store, Atlas) else open_atlas(store, mod=mod)
+        with store_lock(atlas.path):  # the restart state belongs to one writer too
+            self._fit(atlas, encode=encode, model_out=model_out)
+        return self
+
+    def _fit(self, atlas: Atlas, *, encode: bool, model_out: str | Path | None) -> None:
         from gensim.models import Word2Vec
 
-        self._check()
         t_all = time.perf_counter()
-        atlas = store if isinstance(store, Atlas) else open_atlas(store, mod=mod)
         peaks = store_peaks(atlas, "scEmbed training")
         client = dask_client()
         obs = atlas.obs
@@ -158,44 +184,75 @@ class SCEMBED:
         if not cells.any():
             raise InputError(atlas.path, "no cells pass QC", "re-run QC with looser thresholds")
         rows = StoreRows(atlas.path, mod=atlas.mod, cells=cells, chunk_rows=atlas.chunk_rows)
+        keys = token_keys(rows.n_vars)
+        train_params = self.train_params()
+        workers = train_params["workers"]
+        resume_dir = atlas.resume_state(
+            "scembed", train_params | {"cells_sha1": hashlib.sha1(np.packbits(cells).tobytes()).hexdigest()})
+        state = EpochState(resume_dir)
+        saved = state.load()
         timings = {}
 
-        # the vocabulary: regions open in >= min_count training cells, counted in one pass
         t0 = time.perf_counter()
-        rows_f = client.scatter(rows, broadcast=True, hash=False)
-        parts = [client.submit(chunk_doc_freq, rows_f, k, pure=False)
-                 for k in range(rows.n_chunks) if rows.chunk_cells[k]]
-        df = np.zeros(rows.n_vars, np.int64)
-        for f in parts:  # summed in chunk order on the client: n_vars integers each
-            df += f.result()
-        del parts
-        keep = df >= self.min_count
-        if not keep.any():
-            raise InputError(atlas.path, f"no region is accessible in >= {self.min_count} cells",
-                             "lower min_count (--min-count)")
-        keys = token_keys(rows.n_vars)
-        total_words = int(df[keep].sum())
+        if saved is not None:
+            w2v, keep, total_words = saved["model"], saved["keep"], saved["total_words"]
+            first_epoch, self.history_, train_before = saved["epochs_done"], saved["history"], saved["train_seconds"]
+            logger.info("scembed: resuming from epoch %d of %d (restart state in %s)", first_epoch, self.epochs,
+                        resume_dir)
+        else:
+            # the vocabulary: regions open in >= min_count training cells, counted in one pass
+            rows_f = shared(client, rows, "rows")
+            parts = [client.submit(chunk_doc_freq, rows_f, k, pure=False,
+                                   key=f"scembed-vocab-{k}-{uuid.uuid4().hex[:6]}")
+                     for k in range(rows.n_chunks) if rows.chunk_cells[k]]
+            df = np.zeros(rows.n_vars, np.int64)
+            for f in parts:  # summed in chunk order on the client: n_vars integers each
+                df += f.result()
+            del parts
+            keep = df >= self.min_count
+            if not keep.any():
+                atlas.clear_resume("scembed")  # nothing to resume: leave nothing beside the store
+                raise InputError(atlas.path, f"no region is accessible in >= {self.min_count} cells",
+                                 "lower min_count (--min-count)")
+            total_words = int(df[keep].sum())
+            w2v = Word2Vec(vector_size=self.dim, window=self.window, min_count=1, workers=workers, seed=self.seed,
+                           sg=self.sg, negative=self.negative, alpha=self.alpha, min_alpha=self.min_alpha)
+            w2v.build_vocab_from_freq({keys[j]: int(df[j]) for j in np.flatnonzero(keep)},
+                                      corpus_count=int(rows.n_cells))
+            first_epoch, self.history_, train_before = 0, [], 0.0
+            state.save(w2v, epochs_done=0, history=[], train_seconds=0.0, keep=keep, total_words=total_words)
         timings["vocabulary"] = time.perf_counter() - t0
 
-        workers = int(self.workers or os.cpu_count() or 1)
-        w2v = Word2Vec(vector_size=self.dim, window=self.window, min_count=1, workers=workers, seed=self.seed,
-                       sg=self.sg, negative=self.negative, alpha=self.alpha, min_alpha=self.min_alpha)
-        w2v.build_vocab_from_freq({keys[j]: int(df[j]) for j in np.flatnonzero(keep)},
-                                  corpus_count=int(rows.n_cells))
         own_dir = self.corpus_dir is None
-        folder = Path(tempfile.mkdtemp(prefix="scembed-corpus-")) if own_dir else Path(self.corpus_dir)
-        self.history_ = []
+        if own_dir:
+            # beside the store (so the workers see it wherever they run), one folder per run:
+            # a killed run's epoch files are removed, and its tasks still running on the
+            # workers cannot write into this run's folder
+            for old in resume_dir.glob("corpus-*"):
+                shutil.rmtree(old, ignore_errors=True)
+            folder = resume_dir / f"corpus-{uuid.uuid4().hex[:8]}"
+        else:
+            folder = Path(self.corpus_dir)
+        spent = [train_before]
+
+        def checkpoint(epochs_done: int, seconds: float) -> None:
+            spent[0] += seconds
+            state.save(w2v, epochs_done=epochs_done, history=self.history_, train_seconds=spent[0], keep=keep,
+                       total_words=total_words)
+
         t0 = time.perf_counter()
         try:
             corpus = (EpochCorpusWriter(rows, keep, folder, client, seed=self.seed, max_tokens=self.max_tokens)
                       if self.corpus == "file" else
                       ShuffledCorpus(rows, keep, seed=self.seed, max_tokens=self.max_tokens))
             train_epochs(w2v, corpus, epochs=self.epochs, alpha=self.epoch_alpha, total_words=total_words,
-                         history=self.history_, progress=self.progress)
+                         history=self.history_, progress=self.progress, first_epoch=first_epoch,
+                         on_epoch=checkpoint)
         finally:
             if own_dir:
                 shutil.rmtree(folder, ignore_errors=True)
         timings["train"] = time.perf_counter() - t0
+        train_seconds = spent[0]  # of all runs that trained this model, resumed ones included
 
         # vectors in store peak order, so the universe BED reads like the training peaks
         order = np.sort(np.array([int(key) for key in w2v.wv.index_to_key], np.int64))
@@ -206,31 +263,37 @@ class SCEMBED:
         self.train_summary_ = {
             "n_cells": int(rows.n_cells), "n_regions": int(rows.n_vars), "n_vocabulary": int(len(order)),
             "total_words_per_epoch": total_words, "corpus": self.corpus, "gensim_workers": workers,
-            "epochs": self.epochs,
-            "words_per_s": float(total_words * self.epochs / max(timings["train"], 1e-9)),
+            "epochs": self.epochs, "resumed_from_epoch": int(first_epoch),
+            "words_per_s": float(total_words * self.epochs / max(train_seconds, 1e-9)),
             "train_words_per_s": float(np.mean([h["words_per_s"] for h in self.history_])),
-            "seconds_per_epoch": float(timings["train"] / self.epochs),
+            "seconds_per_epoch": float(train_seconds / self.epochs),
         }
         self.reference_ = None
+        projection = None
         if encode:
             t0 = time.perf_counter()
-            E, _ = self.encode(atlas, umap=False, record=False)
+            projection = self._project(atlas, umap=False)
             timings["encode"] = time.perf_counter() - t0
             if self.labels_key is not None:
                 t0 = time.perf_counter()
                 lab = obs[self.labels_key].astype(str).to_numpy()
                 ref = cells & (np.asarray(obs[self.labels_key].notna()))
-                self.set_reference(E[ref], lab[ref])
+                self.set_reference(projection[0][ref], lab[ref])
                 timings["reference"] = time.perf_counter() - t0
                 if self.umap_model_ is not None:
                     Y = np.full((atlas.n_obs, 2), np.nan, np.float32)
                     Y[ref] = self.reference_umap_
-                    atlas.write_obsm("X_scembed_umap", Y)
+                    projection = projection[:2] + (Y,) + projection[3:]
         timings["total"] = time.perf_counter() - t_all
         self.timings_ = timings
         params = {k: v for k, v in asdict(self).items() if k not in ("progress", "history_")}
-        atlas.record("scembed", params, timings, train=self.train_summary_, history=self.history_)
-        return self
+        with atlas.publishing("scembed"):  # the embeddings, the UMAP and the record: together or not at all
+            if projection is not None:
+                self._write_projection(atlas, *projection)
+            atlas.record("scembed", params, timings, train=self.train_summary_, history=self.history_)
+        if model_out is not None:
+            self.save(model_out)
+        atlas.clear_resume("scembed")
 
     def set_reference(self, embeddings: np.ndarray, labels: np.ndarray) -> SCEMBED:
         """Keep labelled reference cells, build the HNSW index over them and (``umap``) a UMAP."""
@@ -259,11 +322,23 @@ class SCEMBED:
 
         The store's peaks are mapped to the universe by interval overlap, so they may differ
         from the training peaks. Writes ``obsm[key_added]``, ``obs['scembed_n_regions']`` and,
-        for EV-projection, ``obsm[key_added + '_umap']``. Returns the embeddings and the mapping report.
+        for EV-projection, ``obsm[key_added + '_umap']``, with the record (``record=True``),
+        in one publication. Returns the embeddings and the mapping report.
         """
-        self._fitted()
         t0 = time.perf_counter()
         atlas = store if isinstance(store, Atlas) else open_atlas(store, mod=mod)
+        E, n_regions, Y, report = self._project(atlas, umap=umap)
+        with atlas.publishing("scembed_encode"):
+            self._write_projection(atlas, E, n_regions, Y, report, key_added=key_added)
+            if record:
+                atlas.record("scembed_encode", {"key_added": key_added, "umap": umap},
+                             {"total": time.perf_counter() - t0}, projection=report)
+        return E, report
+
+    def _project(self, atlas: Atlas, *, umap: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict]:
+        """The embeddings, universe regions per cell, EV-projection (or ``None``) and report of
+        ``atlas``'s cells; computed chunk by chunk on the Dask workers, nothing written."""
+        self._fitted()
         ovl, report = self.mapping(store_peaks(atlas, "scEmbed projection"))
         if report["n_mapped"] == 0:
             raise InputError(atlas.path, "none of its peaks overlaps the model's universe "
@@ -276,17 +351,21 @@ class SCEMBED:
         E, n_regions = encode_store(atlas, ovl, self.vectors_, dask_client())
         report["n_cells"] = int(atlas.n_obs)
         report["n_cells_without_regions"] = int((n_regions == 0).sum())
-        atlas.write_obsm(key_added, E)
-        atlas.write_obs({"scembed_n_regions": n_regions})
+        Y = None
         if umap and getattr(self, "umap_model_", None) is not None:
             from ..blocks import transform_in_parallel
 
-            atlas.write_obsm(f"{key_added}_umap", transform_in_parallel(self.umap_model_, E).astype(np.float32))
-        if record:
-            atlas.record("scembed_encode", {"key_added": key_added, "umap": umap},
-                         {"total": time.perf_counter() - t0}, projection=report)
+            Y = transform_in_parallel(self.umap_model_, E).astype(np.float32)
         self.projection_ = report
-        return E, report
+        return E, n_regions, Y, report
+
+    @staticmethod
+    def _write_projection(atlas: Atlas, E: np.ndarray, n_regions: np.ndarray, Y: np.ndarray | None, report: dict,
+                          *, key_added: str = "X_scembed") -> None:
+        atlas.write_obsm(key_added, E)
+        atlas.write_obs({"scembed_n_regions": n_regions})
+        if Y is not None:
+            atlas.write_obsm(f"{key_added}_umap", Y)
 
     # -- annotation --------------------------------------------------------------------------
 
@@ -311,8 +390,9 @@ class SCEMBED:
                              "(--labels KEY) or call set_reference()")
         t0 = time.perf_counter()
         atlas = store if isinstance(store, Atlas) else open_atlas(store, mod=mod)
-        E, report = self.encode(atlas, record=False)
-        has = np.asarray(atlas.obs["scembed_n_regions"].to_numpy() > 0)
+        projection = self._project(atlas, umap=True)
+        E, n_regions, _, report = projection
+        has = n_regions > 0
         k = int(min(k, self.reference_.shape[0]))
         neigh = np.full((atlas.n_obs, k), -1, np.int64)
         if has.any():
@@ -332,11 +412,6 @@ class SCEMBED:
         conf = np.where(final >= 0, (nl == final[:, None]).sum(1) / k, 0.0)
         names = np.append(self.label_names_, "unassigned")
         confident = conf >= min_confidence
-        atlas.write_obs({"scembed_label": pd.Categorical(names[final]),
-                         "scembed_cell_label": pd.Categorical(names[cell_lab]),
-                         "scembed_confidence": conf.astype(np.float32),
-                         "scembed_confident": confident,
-                         "scembed_cluster": pd.Categorical(clusters.astype(str))})
         summary = {"k": k, "min_confidence": min_confidence, "cluster_vote": by_cluster,
                    "resolution": used_resolution, "target_clusters": target,
                    "n_clusters": int(len(np.unique(clusters[has]))) if has.any() else 0,
@@ -344,10 +419,17 @@ class SCEMBED:
                    "mean_confidence": float(conf.mean()),
                    "label_counts": pd.Series(names[final]).value_counts().to_dict(),
                    "projection": report}
-        atlas.record("scembed_annotate", {"k": k, "min_confidence": min_confidence, "cluster_vote": by_cluster,
-                                          "resolution": resolution, "clusters_per_label": clusters_per_label},
-                     {"total": time.perf_counter() - t0},
-                     summary=summary)
+        with atlas.publishing("scembed_annotate"):  # the projection, the labels and the record together
+            self._write_projection(atlas, *projection)
+            atlas.write_obs({"scembed_label": pd.Categorical(names[final]),
+                             "scembed_cell_label": pd.Categorical(names[cell_lab]),
+                             "scembed_confidence": conf.astype(np.float32),
+                             "scembed_confident": confident,
+                             "scembed_cluster": pd.Categorical(clusters.astype(str))})
+            atlas.record("scembed_annotate", {"k": k, "min_confidence": min_confidence, "cluster_vote": by_cluster,
+                                              "resolution": resolution, "clusters_per_label": clusters_per_label},
+                         {"total": time.perf_counter() - t0},
+                         summary=summary)
         return summary
 
     # -- bundle ------------------------------------------------------------------------------

@@ -29,6 +29,21 @@ from ..ops.corpus import MAX_TOKENS, encode_lines, iter_documents, shuffled_docu
 from ..train.data import StoreRows
 
 
+def _same(x):
+    return x
+
+
+def shared(client, obj, name: str):
+    """``obj`` as one future that many tasks use, and that survives the loss of a worker.
+
+    ``client.scatter`` would do the first, not the second: scattered data is held by workers
+    only (the active memory manager soon keeps one replica), and a worker killed while it
+    holds it loses it for good, failing every task that needs it. A task that returns
+    ``obj`` keeps ``obj`` in its spec on the scheduler, which recomputes it when lost.
+    """
+    return client.submit(_same, obj, pure=False, key=f"scembed-{name}-{uuid.uuid4().hex[:8]}")
+
+
 def chunk_order(n_chunks: int, seed: int, epoch: int) -> np.ndarray:
     """The order in which an epoch visits the row chunks (cells within a chunk are shuffled too)."""
     return np.random.default_rng([seed, epoch, 0x5CE]).permutation(n_chunks)
@@ -52,14 +67,27 @@ def _write_shard(rows: StoreRows, k: int, keep: np.ndarray, seed: int, epoch: in
 
 
 def _join_shards(shards: list[tuple[str, int, int]], path: str) -> tuple[str, int, int]:
+    """Concatenate the shards into the epoch's file, then remove them.
+
+    Idempotent, so Dask may run it again after losing the worker that ran it: the shards are
+    removed only once the joined file is in place, and a rerun that finds the file in place
+    and shards gone (the first run died while removing them) keeps that file, which was
+    complete when it was renamed into place."""
+    result = path, sum(s[1] for s in shards), sum(s[2] for s in shards)
+    if os.path.exists(path) and not all(os.path.exists(s[0]) for s in shards):
+        for shard, _, _ in shards:
+            if os.path.exists(shard):
+                os.remove(shard)
+        return result
     tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
     with open(tmp, "wb") as out:
         for shard, _, _ in shards:
             with open(shard, "rb") as fh:
                 shutil.copyfileobj(fh, out, 1 << 22)
-            os.remove(shard)
     os.replace(tmp, path)
-    return path, sum(s[1] for s in shards), sum(s[2] for s in shards)
+    for shard, _, _ in shards:
+        os.remove(shard)
+    return result
 
 
 class EpochCorpusWriter:
@@ -83,8 +111,8 @@ class EpochCorpusWriter:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.seed, self.max_tokens = seed, max_tokens
-        self._rows_f = client.scatter(rows, broadcast=True, hash=False)
-        self._keep_f = client.scatter(self.keep, broadcast=True, hash=False)
+        self._rows_f = shared(client, rows, "rows")
+        self._keep_f = shared(client, self.keep, "vocabulary")
 
     def submit(self, epoch: int):
         """Start writing epoch ``epoch``; returns a future of ``(path, n_documents, n_tokens)``."""
