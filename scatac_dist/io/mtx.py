@@ -198,35 +198,12 @@ def plan_10x_mtx(folder: str | Path, *, workdir: str | Path, chunk_rows: int, cl
 
     counts, n_entries, pending = [], 0, []
 
-    # The text of each piece in flight is kept until its parse is done: scattered data dies
-    # with the worker that holds it, and then the piece is sent again (up to 3 times).
-    inflight: dict[str, tuple[int, bytes, int]] = {}
-
-    def submit(text: bytes, piece: int, tries: int = 0):
-        data = client.scatter(text, hash=False)
-        fut = client.submit(_parse_piece, data, piece, *layout, pure=False)
-        inflight[fut.key] = (piece, text, tries)
-        return fut
-
-    def collect(done) -> list:
+    def collect(done):
         nonlocal n_entries
-        again = []
         for fut in done:
-            piece, text, tries = inflight.pop(fut.key)
-            try:
-                n, c = fut.result()  # re-raises a worker's InputError here
-            except InputError:
-                raise
-            except Exception as exc:  # a worker died: its scattered piece and its task are lost
-                if tries >= 3:
-                    raise
-                logger.warning("%s: piece %d lost with a worker (%s); parsing it again", mtx, piece,
-                               type(exc).__name__)
-                again.append(submit(text, piece, tries + 1))
-                continue
+            n, c = fut.result()  # re-raises a worker's InputError here
             n_entries += n
             counts.append(c)
-        return again
 
     try:
         stream = gzip_reader(raw) if is_gzip(mtx) else raw
@@ -240,15 +217,17 @@ def plan_10x_mtx(folder: str | Path, *, workdir: str | Path, chunk_rows: int, cl
                 break
             if not text.endswith(b"\n"):
                 text += stream.readline()
-            pending.append(submit(text, piece))
+            # the piece travels inside its task, not as scattered data: when the worker parsing it
+            # dies, the scheduler still holds it and runs the task again on another worker
+            pending.append(client.submit(_parse_piece, text, piece, *layout, pure=False))
             piece += 1
             if bar is not None:
                 bar.update(raw.tell() - bar.n)
             if len(pending) >= max_pending:
                 res = wait(pending, return_when="FIRST_COMPLETED")
-                pending = list(res.not_done) + collect(res.done)
-        while pending:
-            pending = collect(wait(pending).done)
+                collect(res.done)
+                pending = list(res.not_done)
+        collect(wait(pending).done)
     except GZIP_ERRORS as exc:
         raise InputError(mtx, f"is truncated or corrupt ({type(exc).__name__}: {exc})",
                          "re-download or re-export it (`gzip -t` checks a .gz file)") from exc
