@@ -235,7 +235,8 @@ def report(data: dict) -> None:
     if full:
         lines += ["", f"Whole pipeline with the old package in a second child: {full['total_s']:.0f} s "
                   f"(after/before {total / full['total_s']:.3f}; the stages' own run-to-run spread included)."]
-    publish("publishing", "Cost of stage-atomic publishing and the store lock (1M-cell pipeline)", lines)
+    publish("publishing", "## Cost of stage-atomic publishing and the store lock (`python "
+            "benchmarks/bench_publishing.py`)\n\n", lines, md=RESULTS / "publishing.md")
 
     fig, ax = plots.pyplot().subplots(figsize=(9, 4))
     x = range(len(stages))
