@@ -200,5 +200,9 @@ def test_bad_input_is_refused(sim, tmp_path):
         SCALE(n_clusters=3, min_cells=10_000, progress=False).fit(store)
     r = CliRunner().invoke(main, ["scale", str(store), "--resume"])
     assert r.exit_code != 0 and "--checkpoint-dir" in r.output
+    with pytest.raises(ValueError, match="resume='maybe'"):
+        SCALE(n_clusters=3, resume="maybe", progress=False).fit(store)
+    r = CliRunner().invoke(main, ["scale", str(store), "--resume", "maybe"])
+    assert r.exit_code == 2 and "'maybe' is not one of 'no', 'yes', 'auto'" in r.output
     with pytest.raises(ValueError, match="lr_schedule"):
         SCALE(n_clusters=3, lr_schedule="cosine", min_cells=1, min_reads=1, progress=False).fit(store)

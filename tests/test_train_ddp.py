@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,19 @@ import scipy.sparse as sp
 import torch
 
 from scatac_dist.datasets import SynthParams, synthesize
+from scatac_dist.errors import InputError
 from scatac_dist.models.scale_training import train_rank as _train_rank
 from scatac_dist.modules.scale import SCALEModule
 from scatac_dist.store import open_atlas
-from scatac_dist.train import ShardedStream, StoreRows, TrainConfig, fit, launch, load_checkpoint
+from scatac_dist.train import (
+    ShardedStream,
+    StoreRows,
+    TrainConfig,
+    fit,
+    latest_checkpoint,
+    launch,
+    load_checkpoint,
+)
 
 P = SynthParams(n_cells=480, n_peaks=600, n_clusters=3, n_lineages=1, signal=0.5, fragments=300, seed=11)
 
@@ -152,6 +162,39 @@ def test_resume_reproduces_the_uninterrupted_run(store, tmp_path):
     for k, v in a["module"].items():
         torch.testing.assert_close(v, b["module"][k], rtol=0, atol=0, msg=k)
     assert a["summary"]["history"] == b["summary"]["history"]
+
+
+def test_a_fresh_run_takes_the_checkpoint_folder_over(store, tmp_path):
+    """A run without resume into a folder holding an older run's later steps: the old code
+    pruned by name, deleted the new run's own checkpoints and left ``latest`` naming a deleted
+    file, so a resume continued the *old* run. Now the fresh run removes the old steps first."""
+    ck = tmp_path / "ck"
+    for d in ("old", "new", "more"):
+        (tmp_path / d).mkdir()
+    _train_rank(_spec(store, tmp_path / "old", 40, patience=1000, checkpoint_dir=str(ck), checkpoint_every=20))
+    shutil.copy(ck / "step-000000040.pt", ck / "step-000000200.pt")   # and a later step of that run
+    _train_rank(_spec(store, tmp_path / "new", 10, patience=1000, checkpoint_dir=str(ck), checkpoint_every=5))
+    assert sorted(p.name for p in ck.glob("step-*.pt")) == ["step-000000005.pt", "step-000000010.pt"]
+    assert latest_checkpoint(ck) == ck / "step-000000010.pt" and (ck / "latest").read_text().strip() == \
+        "step-000000010.pt"
+    new = torch.load(tmp_path / "new" / "out.rank0.pt", weights_only=False)["module"]
+    for k, v in load_checkpoint(ck)["module"].items():                  # the new run's state
+        torch.testing.assert_close(v, new[k], rtol=0, atol=0, msg=k)
+    _train_rank(_spec(store, tmp_path / "more", 15, patience=1000, checkpoint_dir=str(ck), checkpoint_every=5,
+                      resume=True))
+    summary = torch.load(tmp_path / "more" / "out.rank0.pt", weights_only=False)["summary"]
+    assert summary["start_step"] == 10 and summary["steps"] == 15
+
+
+def test_a_checkpoint_of_other_parameters_is_refused_by_the_trainer(store, tmp_path):
+    ck = tmp_path / "ck"
+    for d in ("a", "b"):
+        (tmp_path / d).mkdir()
+    _train_rank(_spec(store, tmp_path / "a", 5, checkpoint_dir=str(ck), checkpoint_every=5, fingerprint={"seed": 1}))
+    assert load_checkpoint(ck)["fingerprint"] == {"seed": 1}
+    with pytest.raises(InputError, match="other data or other parameters"):
+        _train_rank(_spec(store, tmp_path / "b", 10, checkpoint_dir=str(ck), checkpoint_every=5, resume=True,
+                          fingerprint={"seed": 2}))
 
 
 def test_early_stopping_and_max_iter(store):

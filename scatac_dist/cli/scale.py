@@ -40,9 +40,16 @@ scale_option = option_from("scatac_dist.models:SCALE")
               help="Add log(open peaks / median) to each cell's decoder logits in training (a library-size "
                    "term); --no-depth-offset is the paper's decoder exactly.")
 @click.option("--impute", is_flag=True, help="Write layers['scale_impute'] (dense, chunked) and layers['scale_binary'].")
-@click.option("--checkpoint-dir", type=click.Path(path_type=Path), help="Folder for checkpoints.")
-@scale_option("--checkpoint-every", type=int, help="Steps between checkpoints (0: none).")
-@click.option("--resume", is_flag=True, help="Continue from the newest checkpoint in --checkpoint-dir.")
+@click.option("--checkpoint-dir", type=click.Path(path_type=Path),
+              help="Folder for checkpoints (one run's; a run that does not resume takes it over).")
+@scale_option("--checkpoint-every", type=int,
+              help="Steps between checkpoints (default: 1,000 when checkpoints are kept; 0: none).")
+@click.option("--resume", type=click.Choice(["no", "yes", "auto"]), default="no", show_default=True,
+              is_flag=False, flag_value="yes",
+              help="yes (or --resume alone): continue the newest checkpoint in --checkpoint-dir. auto: continue it "
+                   "when there is one, else start fresh; without --checkpoint-dir the checkpoints go beside the "
+                   "store and are removed once the outputs are written, so a restarted job reruns the same "
+                   "command. A checkpoint of other data or parameters is refused.")
 @click.option("--model-out", type=click.Path(path_type=Path), help="Save the trained model to this folder.")
 @click.option("--log", "log_path", type=click.Path(path_type=Path), help="Append training metrics (JSON lines) here.")
 @scale_option("--seed", type=int)
@@ -59,18 +66,22 @@ def scale(session: Session, store, n_clusters, quick, nproc, device, max_iter, b
     from ..train import DistEnv
 
     env = DistEnv.from_environ()
-    if resume and not checkpoint_dir:
-        raise click.UsageError("--resume needs --checkpoint-dir")
+    if resume == "yes" and not checkpoint_dir:
+        raise click.UsageError("--resume (yes) needs --checkpoint-dir; --resume auto works without one")
     if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise CommandError("--device cuda: no CUDA device is visible here. Fix: use --device cpu")
     atlas = open_atlas(store, mod=mod)
+    if env.rank == 0:  # the rank that writes; the others only read
+        session.lock(atlas.path)
     if not env.distributed:  # under torchrun/srun every rank preprocesses with local threads
         session.client()
     # one-way switches change the model's default only when given
-    switches = {k: True for k, on in (("depth_norm", depth_norm), ("impute", impute), ("resume", resume)) if on}
+    switches = {k: True for k, on in (("depth_norm", depth_norm), ("impute", impute)) if on}
+    if resume != "no":
+        switches["resume"] = "auto" if resume == "auto" else True
     with bars_on_stderr():
         m = SCALE(n_clusters=n_clusters, quick=quick, nproc=nproc, device=device, max_iter=max_iter,
                   batch_size=batch_size, lr_schedule=lr_schedule, lr=lr, patience=patience, min_iter=min_iter,
@@ -85,6 +96,6 @@ def scale(session: Session, store, n_clusters, quick, nproc, device, max_iter, b
     s = m.summary_
     click.echo(json.dumps({"n_clusters": m.n_clusters_, "steps": s["steps"], "epochs": s["epochs"],
                            "stopped_early": s["stopped_early"], "world_size": s["world_size"],
-                           "cells_per_s": s["cells_per_s"],
+                           "cells_per_s": s["cells_per_s"], "resumed_from": s["start_step"],
                            "loss_last": s["history"][-1] if s["history"] else None,
                            "seconds": m.timings_}, indent=1))

@@ -2,13 +2,15 @@
 scores, cluster specificity and imputation.
 
 Everything is computed chunk by chunk of cells: the latent means (n x 10) are gathered, the
-imputed matrix (n x p) never is.
+imputed matrix (n x p) never is. The imputation is decoded in tiles of at most
+:data:`TASK_BYTES` per Dask task (:func:`write_imputation`), so a worker's memory does not
+grow with the number of peaks either. All outputs are published together, in one
+:meth:`~scatac_dist.store.Atlas.publishing` block.
 """
 
 from __future__ import annotations
 
 import shutil
-import uuid
 
 import dask
 import numpy as np
@@ -21,7 +23,12 @@ from ..modules.scale import SCALEModule
 from ..store import Atlas
 from ..train import SparseBatch, StoreRows
 
-__all__ = ["encode_csr", "feature_peaks", "js_specificity", "binarize_imputed", "write_outputs"]
+__all__ = ["encode_csr", "feature_peaks", "js_specificity", "binarize_imputed", "write_outputs",
+           "write_imputation", "TASK_BYTES"]
+
+#: what one imputation task may allocate (bytes): its tile of the imputed matrix (cells x
+#: peaks) holds ``TASK_BYTES / 16`` values, whatever the number of cells and peaks
+TASK_BYTES = 256 * 2**20
 
 
 def feature_peaks(W: np.ndarray, n_sd: float = 2.5) -> np.ndarray:
@@ -82,12 +89,22 @@ def encode_csr(module: SCALEModule, m, *, batch: int = 2048,
 
 
 def write_outputs(atlas: Atlas, module: SCALEModule, rows: StoreRows, cells: np.ndarray, peaks: np.ndarray, *,
-                  n_clusters: int | None, n_specific: int, impute: bool, encode_batch: int) -> None:
+                  n_clusters: int | None, n_specific: int, impute: bool, encode_batch: int,
+                  task_bytes: int = TASK_BYTES) -> None:
     """Encode every used cell and write the store slots listed in :mod:`scatac_dist.models.scale`.
 
     ``obs['scale_kmeans']`` (k-means, seed 18 as in the paper) only when ``n_clusters`` is
-    given; the layers only with ``impute``.
+    given; the layers only with ``impute`` (tiles of ``task_bytes``, :func:`write_imputation`).
+    The writes form one publication (``atlas.publishing("scale")``, joined by the caller's
+    block if there is one): a reader sees all of them or none.
     """
+    with atlas.publishing("scale"):
+        _write_outputs(atlas, module, rows, cells, peaks, n_clusters=n_clusters, n_specific=n_specific,
+                       impute=impute, encode_batch=encode_batch, task_bytes=task_bytes)
+
+
+def _write_outputs(atlas, module, rows, cells, peaks, *, n_clusters, n_specific, impute, encode_batch,
+                   task_bytes) -> None:
     n, D = atlas.n_obs, module.n_latent
     mu = np.full((n, D), np.nan, np.float32)
     gmm = np.full(n, -1, np.int64)
@@ -134,7 +151,7 @@ def write_outputs(atlas: Atlas, module: SCALEModule, rows: StoreRows, cells: np.
     if impute:
         peak_mean = peak_hits / max(rows.n_cells, 1)
         cell_mean = cell_open / max(rows.n_peaks, 1)
-        write_imputation(atlas, mu, Wd, bd, used, peaks, peak_mean, cell_mean)
+        write_imputation(atlas, mu, Wd, bd, used, peaks, peak_mean, cell_mean, task_bytes=task_bytes)
 
 
 def _cluster_means(mu, used, labels, Wd, bd, encode_batch: int) -> np.ndarray:
@@ -158,59 +175,112 @@ def _cluster_means(mu, used, labels, Wd, bd, encode_batch: int) -> np.ndarray:
     return sums / np.maximum(cnt, 1)[None, :]
 
 
-def write_imputation(atlas: Atlas, mu, Wd, bd, used, peaks, peak_mean, cell_mean) -> None:
-    """``layers['scale_impute']`` (dense, zarr chunk = store chunk) and ``layers['scale_binary']`` (CSR).
+def write_imputation(atlas: Atlas, mu, Wd, bd, used, peaks, peak_mean, cell_mean, *,
+                     task_bytes: int = TASK_BYTES) -> None:
+    """``layers['scale_impute']`` (dense float32) and ``layers['scale_binary']`` (CSR), decoded
+    from the latent means ``mu`` by Dask tasks.
 
-    Each Dask task decodes one chunk of cells from their latent means: memory is one
-    chunk x peaks block, never the n x p matrix.
+    Memory: every task decodes one tile of at most ``task_bytes / 16`` values (cells x
+    peaks) and holds at most ``task_bytes`` (its tile and the decoded probabilities in
+    float32; for the binary layer, the probabilities, the booleans and the tile's non-zeros
+    as 8- and 4-byte indices), whatever the number of cells or peaks: 256 MiB by default
+    (:data:`TASK_BYTES`), so a worker needs its threads x ``task_bytes`` beyond its baseline.
+    (A store chunk of more than ``task_bytes / 16`` rows is the one exception: a tile is at
+    least one row of chunks, ``chunk_rows`` x 1 values.) The client holds ``mu`` (n x 10) and
+    the decoder (peaks x 10), never a tile.
+
+    The imputed layer's zarr chunks are ``chunk_rows`` x ``cc`` with ``cc`` chosen so a chunk
+    fits a tile; a tile is one store chunk of rows by a whole number of zarr chunks of
+    columns, so no two tasks write into the same zarr chunk. The binary layer is computed in
+    blocks of consecutive used cells small enough for a tile and written by
+    :func:`scatac_dist.io.layers.write_csr_layer`.
     """
     from dask import delayed
 
     from ..io.layers import publish_layer, write_csr_layer
 
     n, p = atlas.n_obs, atlas.n_vars
-    cr = atlas.chunk_rows
+    elems = max(1, int(task_bytes) // 16)
+    cr = max(1, min(atlas.chunk_rows, n))
+    cc = min(p, max(1, min(2**22, elems) // cr))                   # zarr chunk: cr x cc
+    tile_cols = min(p, cc * max(1, elems // (cr * cc)))              # a whole number of chunks
     pk = np.flatnonzero(peaks)
-    staging = atlas.path.with_name(f".{atlas.path.name}.impute-{uuid.uuid4().hex[:8]}")
-    try:
-        g = zarr.open_group(str(staging), mode="w", zarr_format=atlas.zarr_format)
-        arr = g.create_array("scale_impute", shape=(n, p), chunks=(cr, min(p, max(1, 2**22 // cr))),
-                             dtype=np.float32, fill_value=0.0)
-        arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
-        tasks = [delayed(_impute_block)(str(staging / "scale_impute"), a, min(a + cr, n), mu[a:a + cr],
-                                        used[a:a + cr], Wd, bd, pk, p) for a in range(0, n, cr)]
-        dask.compute(*tasks)
-        publish_layer(atlas, staging / "scale_impute", "scale_impute")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    rows_used = np.flatnonzero(used)
-    blocks = []
-    for a in range(0, len(rows_used), cr):
-        ii = rows_used[a:a + cr]
-        blocks.append(delayed(_binary_block)(mu[ii], Wd, bd, pk, peak_mean, cell_mean[ii]))
-    write_csr_layer(atlas, "scale_binary", blocks, rows_used)
+    Wd = np.ascontiguousarray(Wd, np.float32)
+    bd = np.asarray(bd, np.float32)
+    with atlas.publishing("scale"):
+        staging = atlas.scratch("impute")
+        try:
+            g = zarr.open_group(str(staging), mode="w", zarr_format=atlas.zarr_format)
+            arr = g.create_array("scale_impute", shape=(n, p), chunks=(cr, cc), dtype=np.float32, fill_value=0.0)
+            arr.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+            path = str(staging / "scale_impute")
+            bands = [(a, min(a + cr, n), delayed((mu[a:a + cr], used[a:a + cr]), pure=True))
+                     for a in range(0, n, cr) if used[a:a + cr].any()]  # an unused band stays 0 (fill)
+            tasks = []
+            for c0 in range(0, p, tile_cols):
+                c1 = min(c0 + tile_cols, p)
+                lo, hi = np.searchsorted(pk, [c0, c1])
+                if hi == lo:
+                    continue                                      # no used peak here: fill value
+                dec = delayed((Wd[lo:hi], bd[lo:hi], (pk[lo:hi] - c0).astype(np.int64)), pure=True)
+                tasks += [delayed(_impute_tile)(path, a, b, c0, c1, band, dec) for a, b, band in bands]
+            dask.compute(*tasks)
+            publish_layer(atlas, staging / "scale_impute", "scale_impute")
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        rows_used = np.flatnonzero(used)
+        rb = max(1, min(cr, elems // max(len(pk), 1)))
+        shared = delayed((Wd, bd, pk.astype(np.int32), np.asarray(peak_mean)), pure=True)
+        blocks = [delayed(_binary_block)(mu[rows_used[a:a + rb]], np.asarray(cell_mean)[rows_used[a:a + rb]], shared)
+                  for a in range(0, len(rows_used), rb)]
+        write_csr_layer(atlas, "scale_binary", blocks, rows_used)
 
 
 def _sigmoid_logits(z: np.ndarray, Wd: np.ndarray, bd: np.ndarray) -> np.ndarray:
-    """``sigmoid(z @ Wd.T + bd)`` (cells x peaks, float32) in one buffer, written in place."""
+    """``sigmoid(z @ Wd.T + bd)`` (cells x peaks, float32) in one buffer, written in place.
+
+    A product with one row or one column is computed as two (and cut back): BLAS takes a
+    matrix-vector kernel for it, whose sums round differently (1 ulp), and the values would
+    then depend on how the matrix was tiled. With the matrix-matrix kernel every tile
+    equals the same block of the one-shot product, bit for bit (tested)."""
+    m, n = len(z), len(Wd)
+    if m == 1:
+        z = np.concatenate([z, z])
+    if n == 1:
+        Wd, bd = np.concatenate([Wd, Wd]), np.concatenate([bd, bd])
     P = z.astype(np.float32, copy=False) @ Wd.T
     P += bd
-    return expit(P, out=P)
+    P = expit(P, out=P)
+    return P[:m, :n] if (m == 1 or n == 1) else P
 
 
-def _impute_block(path, a, b, mu, used, Wd, bd, pk, p):
-    arr = zarr.open_array(path, mode="r+")
-    out = np.zeros((b - a, p), np.float32)
-    if used.any():
-        z = mu[used]
-        out[np.ix_(np.flatnonzero(used), pk)] = _sigmoid_logits(z, Wd, bd)
-    arr[a:b] = out
+def _impute_tile(path, a, b, c0, c1, band, dec):
+    """Rows ``a:b`` x columns ``c0:c1`` of the imputed layer: 0 outside the used cells and
+    peaks. Allocates the tile and the used cells x used peaks block, both float32."""
+    mu, used = band
+    Wd, bd, cols = dec
+    out = np.zeros((b - a, c1 - c0), np.float32)
+    rows = np.flatnonzero(used)
+    if len(rows):
+        P = _sigmoid_logits(mu[rows], Wd, bd)
+        if len(cols) == c1 - c0:                                   # every peak of the tile is used
+            out[rows] = P
+        else:
+            out[rows[:, None], cols] = P
+    zarr.open_array(path, mode="r+")[a:b, c0:c1] = out
     return b - a
 
 
-def _binary_block(mu, Wd, bd, pk, peak_mean, cell_mean):
+def _binary_block(mu, cell_mean, shared):
+    """CSR pieces (row lengths, columns, values) of the binarised imputation of the cells ``mu``."""
+    Wd, bd, pk, peak_mean = shared
     P = _sigmoid_logits(mu, Wd, bd)
     B = binarize_imputed(P, peak_mean, cell_mean)
+    del P
     counts = B.sum(1)
-    r, c = np.nonzero(B)
-    return counts, pk[c], np.ones(len(c), np.float32)
+    flat = np.flatnonzero(B)                                       # row-major: rows, then columns
+    del B
+    np.remainder(flat, len(pk), out=flat)
+    cols = pk[flat]
+    del flat
+    return counts, cols, np.ones(len(cols), np.float32)

@@ -18,6 +18,9 @@ Writes:
   and ``layers['scale_binary']`` (the paper's binarisation rule, sparse CSR);
 * ``uns/scatac_dist/scale``: parameters, timings, training summary.
 
+All of them are published together (one ``atlas.publishing("scale")`` block): a reader sees
+the store before SCALE's outputs or with all of them.
+
 The model, its defaults, where this implementation departs from the paper and the
 measurements behind each choice: ``docs/methods/scale.md``. The parts: filters in
 :mod:`._scale_preprocess`, the training run and the DDP rank entry in
@@ -29,12 +32,13 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..errors import InputError
 from ..store import Atlas, open_atlas
 from ..train import DistEnv
 from . import _scale_preprocess as preprocess
@@ -93,8 +97,17 @@ class SCALE:
     device
         ``"cpu"`` or ``"cuda"``.
     checkpoint_dir, checkpoint_every, resume
-        Checkpoints every ``checkpoint_every`` steps into ``checkpoint_dir``; continue from
-        the newest. A resumed run judges early stopping by its own ``max_iter``/``min_iter``.
+        Checkpoints every ``checkpoint_every`` steps into ``checkpoint_dir`` (``None``: 1,000
+        when checkpoints are kept, :data:`~.scale_training.CHECKPOINT_EVERY`; 0: none). A run
+        that does not resume takes the folder over (an earlier run's checkpoints there are
+        removed). ``resume=True`` continues the newest checkpoint in ``checkpoint_dir``;
+        ``resume="auto"`` continues it when there is one and starts fresh otherwise, so a
+        restarted job needs no other command line. Both refuse (``InputError``) a checkpoint
+        written for other data or other parameters (its fingerprint,
+        :func:`~.scale_training.fingerprint`). With ``"auto"`` and no ``checkpoint_dir`` the
+        checkpoints go to the store's restart state (``.<store>.resume/scale/`` beside it),
+        removed once the outputs are published. A resumed run judges early stopping by its own
+        ``max_iter``/``min_iter``.
     min_cells, min_reads
         Peak filter: peaks with >= ``min_reads`` reads in >= ``min_cells`` cells (5 and 2, the
         paper's setting for Leukemia).
@@ -155,8 +168,8 @@ class SCALE:
     nproc: int = 1
     device: str = "cpu"
     checkpoint_dir: str | None = None
-    checkpoint_every: int = 0
-    resume: bool = False
+    checkpoint_every: int | None = None
+    resume: bool | str = False
     min_cells: int = 5
     min_reads: int = 2
     preprocess: bool = True
@@ -188,13 +201,27 @@ class SCALE:
         SCALE
             ``self``, with the fitted attributes set (on rank 0 of a ``torchrun``/``srun``
             job; the other ranks return before them).
+
+        Raises
+        ------
+        InputError
+            ``resume`` is ``True`` or ``"auto"`` and the checkpoint folder holds another run's
+            checkpoint (other data or parameters), or ``True`` and it holds none.
         """
         atlas = store if isinstance(store, Atlas) else open_atlas(store, mod=mod)
         env = DistEnv.from_environ()
+        mode = training.resume_mode(self.resume)
+        if mode == "yes" and not self.checkpoint_dir:
+            raise ValueError("resume=True (--resume) needs checkpoint_dir (--checkpoint-dir); "
+                             "resume='auto' (--resume auto) also works without one")
         t, t0 = {}, time.perf_counter()
         cells, peaks, median_open = self._prepare(atlas)
         t["preprocess"] = time.perf_counter() - t0
         k = self.n_clusters
+        n_used = int(np.count_nonzero(cells))
+        if k is not None and not 1 <= k <= n_used:
+            raise InputError(atlas.path, f"n_clusters={k} mixture components for the {n_used} cells SCALE uses",
+                             f"give --n-clusters between 1 and {n_used}, or leave it out for the estimate")
         if k is None:
             t1 = time.perf_counter()
             k = preprocess.estimate_k(atlas, cells, peaks, seed=self.seed)
@@ -206,9 +233,17 @@ class SCALE:
         self.n_cells_ = rows.n_cells
         logger.info("SCALE: %d cells x %d peaks, k = %d, encoder %s", rows.n_cells, rows.n_peaks, k,
                     training.encoder_layers(self.hidden, self.quick))
-        with training.handoff_folder(self.checkpoint_dir) as folder:
+        fp = training.fingerprint(self, atlas, cells, peaks, int(k), world, rows.chunk_rows, median_open)
+        restart = mode == "auto" and not self.checkpoint_dir   # the store's own restart state
+        ck_dir = str(training.restart_folder(atlas, fp)) if restart else self.checkpoint_dir
+        every = self.checkpoint_every
+        if every is None:
+            every = training.CHECKPOINT_EVERY if ck_dir else 0
+        run = replace(self, checkpoint_dir=ck_dir, checkpoint_every=int(every),
+                      resume=training.resolve_resume(ck_dir, fp, mode))
+        with training.handoff_folder(ck_dir) as folder:
             t1 = time.perf_counter()
-            spec = training.handoff(folder, self, rows, cells, peaks, int(k), median_open)
+            spec = training.handoff(folder, run, rows, cells, peaks, int(k), median_open, fingerprint=fp)
             t["gmm_init"] = time.perf_counter() - t1
             t1 = time.perf_counter()
             res = training.train(spec, env=env, nproc=self.nproc)
@@ -217,19 +252,24 @@ class SCALE:
         t["train"] = time.perf_counter() - t1
         self.module_ = module = training.module_from(spec["module"], res.pop("module"))
         self.summary_ = res["summary"]
-        if outputs:
+        if not outputs:
+            t["total"] = time.perf_counter() - t0
+            self.timings_ = t
+            return self
+        with atlas.publishing("scale"):  # every output and the record appear together
             t1 = time.perf_counter()
             write_outputs(atlas, module, rows, cells, peaks, n_clusters=self.n_clusters, n_specific=self.n_specific,
                           impute=self.impute, encode_batch=self.encode_batch)
             t["outputs"] = time.perf_counter() - t1
-        t["total"] = time.perf_counter() - t0
-        self.timings_ = t
-        if outputs:
+            t["total"] = time.perf_counter() - t0
+            self.timings_ = t
             params = {k_: v for k_, v in asdict(self).items() if k_ != "progress"}
             summ = {k_: v for k_, v in self.summary_.items() if k_ != "history"}
             atlas.record("scale", params, t, result={"n_clusters": int(k), "n_cells": rows.n_cells,
                                                      "n_peaks": rows.n_peaks, **summ,
                                                      "epoch_loss": self.summary_["history"][-50:]})
+        if restart:
+            atlas.clear_resume("scale")  # published: nothing left to resume
         return self
 
     def _prepare(self, atlas: Atlas) -> tuple[np.ndarray, np.ndarray, float | None]:

@@ -27,8 +27,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..errors import InputError
 from .alloc import retain_freed_memory
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, start_fresh
 from .data import ShardedStream
 from .dist import DistEnv
 from .progress import ProgressBar
@@ -44,6 +45,10 @@ class TrainConfig:
 
     ``batch_size`` is the global batch (split over the ranks). ``checkpoint_every`` steps
     (0: never) a checkpoint goes to ``checkpoint_dir``; ``resume`` continues from its newest.
+    A run that does not resume takes the folder over: the step files an earlier run left there
+    are removed before training (:func:`.checkpoint.start_fresh`). ``fingerprint`` (plain
+    values: the data and the parameters that decide the computation) is stored in every
+    checkpoint, and a resume from a checkpoint with another fingerprint is refused.
     ``amp`` (default: on for CUDA) runs the forward pass in bfloat16 autocast.
     ``retain_memory`` keeps each step's freed host buffers in the heap for the next step
     (glibc; :mod:`.alloc`).
@@ -67,6 +72,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     checkpoint_every: int = 0
     resume: bool = False
+    fingerprint: dict | None = None
     log_path: str | None = None
     log_every: int = 100
     progress: bool = True
@@ -105,8 +111,14 @@ def fit(module: nn.Module, stream: ShardedStream, cfg: TrainConfig, env: DistEnv
     """Train ``module`` on ``stream`` in this process (one rank of the job when ``env`` is distributed).
 
     Returns a summary: ``history`` (per-epoch mean loss), ``steps``, ``epochs``,
-    ``stopped_early``, ``train_seconds`` and ``cells_per_s`` (cells over all ranks, per second
-    of this run's training, excluding set-up).
+    ``stopped_early``, ``train_seconds``, ``cells_per_s`` (cells over all ranks, per second
+    of this run's training, excluding set-up) and ``start_step`` (0, or the step a resumed
+    run went on from).
+
+    Raises
+    ------
+    InputError
+        On resume, when the checkpoint's fingerprint differs from ``cfg.fingerprint``.
     """
     env = env or DistEnv()
     device = torch.device(cfg.device)
@@ -125,7 +137,12 @@ def fit(module: nn.Module, stream: ShardedStream, cfg: TrainConfig, env: DistEnv
     if cfg.resume:
         if not cfg.checkpoint_dir:
             raise ValueError("resume needs a checkpoint folder (--checkpoint-dir)")
-        ck = load_checkpoint(cfg.checkpoint_dir)
+        ck_path = latest_checkpoint(cfg.checkpoint_dir)
+        ck = load_checkpoint(ck_path if ck_path is not None else cfg.checkpoint_dir)
+        if cfg.fingerprint is not None and ck.get("fingerprint") not in (None, cfg.fingerprint):
+            raise InputError(ck_path, "this checkpoint was written for other data or other parameters",
+                             "resume with the data and parameters of the run that wrote it, or start fresh "
+                             "in another --checkpoint-dir")
         module.load_state_dict(ck["module"])
         opt.load_state_dict(ck["optimizer"])
         st.update(ck["trainer"])
@@ -135,6 +152,8 @@ def fit(module: nn.Module, stream: ShardedStream, cfg: TrainConfig, env: DistEnv
         if env.rank != 0:  # the partial epoch sum was reduced into rank 0's copy
             st["epoch_sum"], st["epoch_n"] = 0.0, 0.0
         logger.info("resumed from step %d (epoch %d)", st["step"], st["epoch"])
+    elif cfg.checkpoint_dir and cfg.checkpoint_every and env.rank == 0:
+        start_fresh(cfg.checkpoint_dir)  # this run owns the folder: an earlier run's steps must go
     log = open(cfg.log_path, "a") if (cfg.log_path and env.rank == 0) else None  # noqa: SIM115
     # one bar, in rank 0: steps, cells/s and the ETA to the early-stopping floor and to max_iter
     bar = ProgressBar(st["step"], cfg.min_iter, cfg.max_iter, stream.batch_size) \
@@ -147,7 +166,8 @@ def fit(module: nn.Module, stream: ShardedStream, cfg: TrainConfig, env: DistEnv
         if env.rank == 0:
             trainer = {**st, "epoch_sum": s_sum, "epoch_n": s_n}
             save_checkpoint(cfg.checkpoint_dir, {"module": module.state_dict(), "optimizer": opt.state_dict(),
-                                                 "trainer": trainer, "config": asdict(cfg)}, st["step"])
+                                                 "trainer": trainer, "config": asdict(cfg),
+                                                 "fingerprint": cfg.fingerprint}, st["step"])
         if env.distributed:
             dist.barrier()
 
@@ -214,5 +234,5 @@ def fit(module: nn.Module, stream: ShardedStream, cfg: TrainConfig, env: DistEnv
     return {"history": list(st["history"]), "steps": st["step"], "epochs": st["epoch"],
             "stopped_early": bool(st["stopped_early"]), "train_seconds": seconds,
             "cells_per_s": ran * stream.batch_size / seconds if seconds > 0 else float("nan"),
-            "world_size": env.world_size}
+            "world_size": env.world_size, "start_step": start_step}
 
