@@ -46,6 +46,7 @@ def sccase(session: Session, store, mode, k_neighbors, support, n_factors, refer
     from ..store import open_atlas
 
     atlas = open_atlas(store, mod=mod)
+    session.lock(atlas.path)
     session.client()
     switches = {"self_reference": True} if self_reference else {}
     with bars_on_stderr():
