@@ -22,8 +22,9 @@ demo: install
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# the long tests (crash tests at every publishing step, memory bounds); GPU tests skip without one
 test-slow: install
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -m "slow and not slurm" $(PYTEST_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check scatac_dist tests benchmarks
