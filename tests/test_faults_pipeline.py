@@ -72,9 +72,10 @@ def test_the_pipeline_runs_on_workers_with_a_tenth_of_the_matrix(tmp_path, clien
 
     # A worker process holds about 300 MB before any task (Dask, NumPy, SciPy, anndata, zarr)
     # and Dask pauses it at 80% of its limit, so the limit cannot go much under 800 MB: the
-    # matrix is 10,000 cells x 200,000 peaks, 8 GB as dense float32 and one 1,000-row block
-    # 800 MB dense, so a step that densified a block, or gathered the matrix, would fail.
-    p = SynthParams(n_cells=10_000, n_peaks=200_000, n_clusters=8, n_lineages=2, seed=4)
+    # matrix is 20,000 cells x 100,000 peaks, 8 GB as dense float32 and one 1,000-row block
+    # 400 MB dense, so a step that densified a block, or gathered the matrix, would fail.
+    # (LSI's tasks hold features x components, 40 MB here: O(n_peaks x d), not the chunk.)
+    p = SynthParams(n_cells=20_000, n_peaks=100_000, n_clusters=8, n_lineages=2, seed=4)
     dense = p.n_cells * p.n_peaks * 4
     limit = dense // 10
     out = tmp_path / "big.zarr"

@@ -53,7 +53,18 @@ def _sum_list(xs):
     return out
 
 
-def tree_sum(parts: list, split_every: int = 8):
+def tree_sum(parts: list, split_every: int = 8, part_bytes: int | None = None):
     """Sum delayed arrays in a fixed tree: the order of additions depends only on the number
-    of parts, never on which worker finishes first."""
+    of parts (and ``part_bytes``), never on which worker finishes first.
+
+    A task of the tree holds its inputs and its sum at once. With ``part_bytes`` (the size of
+    one part) the fan-in is lowered so that this stays within ``scatac-dist.linalg.reduce-bytes``
+    (at least 2 parts per task)."""
+    if part_bytes:
+        from dask.utils import parse_bytes
+
+        from .._config import get
+
+        budget = parse_bytes(get("linalg.reduce-bytes", "256MiB"))
+        split_every = max(2, min(split_every, budget // max(int(part_bytes), 1) - 1))
     return tree_reduce(parts, _sum_list, split_every)

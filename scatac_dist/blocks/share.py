@@ -32,8 +32,9 @@ def small_array(a: np.ndarray) -> da.Array:
 
 
 def cache_fits(nnz: int) -> bool:
-    """Whether a float32 CSR view with ``nnz`` stored values fits the cache budget
-    (``scatac-dist.linalg.cache-bytes-per-worker`` times the number of workers)."""
+    """Whether a float32 CSR view with ``nnz`` stored values fits the cache budget: per worker
+    ``scatac-dist.linalg.cache-bytes-per-worker``, or a quarter of the worker's memory limit
+    when that is less, times the number of workers."""
     from dask.utils import parse_bytes
 
     from .._config import get
@@ -42,7 +43,11 @@ def cache_fits(nnz: int) -> bool:
     try:
         from distributed import default_client
 
-        n_workers = max(len(default_client().scheduler_info()["workers"]), 1)
+        workers = default_client().scheduler_info()["workers"].values()
+        limits = [w.get("memory_limit") or 0 for w in workers]
+        n_workers = max(len(limits), 1)
+        if limits and min(limits) > 0:
+            budget = min(budget, min(limits) // 4)
     except ValueError:
         n_workers = 1
     return nnz * 8 <= budget * n_workers

@@ -116,7 +116,8 @@ def subspace_eigs(A: da.Array, k: int, *, diag: np.ndarray | None = None, n_over
         T_d, Rinv_d = share(T), (share(Rinv) if Rinv is not None else None)
         steps = [delayed(_gram_step, nout=4)(b, T_d, y, Rinv_d, d) for b, y, d in zip(blocks, Ys, ds)]
         Ys = [s[0] for s in steps]
-        P, G, E = tree_sum([s[1] for s in steps]), tree_sum([s[2] for s in steps]), tree_sum([s[3] for s in steps])
+        P = tree_sum([s[1] for s in steps], part_bytes=m * nv * 8)  # m x nv: the largest part
+        G, E = tree_sum([s[2] for s in steps]), tree_sum([s[3] for s in steps])
         Ys, P, G, E = dask.persist(Ys, P, G, E)
         P, G, E = dask.compute(P, G, E)
         Rinv = _orthonormalizer(G)

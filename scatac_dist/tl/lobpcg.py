@@ -155,7 +155,7 @@ def lobpcg_eigs(A: da.Array, k: int, *, diag: np.ndarray | None = None, n_oversa
     omega = share(np.random.default_rng(seed).standard_normal((m, nv)).astype(np.float32))
     steps = [delayed(_range_step, nout=2)(b, omega) for b in blocks]
     states = [s[0] for s in steps]
-    states, AtR = dask.persist(states, tree_sum([s[1] for s in steps]))
+    states, AtR = dask.persist(states, tree_sum([s[1] for s in steps], part_bytes=m * nv * 8))
     AtR = AtR.compute()
     # A^T images of X, M X, P, M P; None until the first Rayleigh-Ritz solve
     AtX = AtMX = AtP = AtMP = None
@@ -166,7 +166,8 @@ def lobpcg_eigs(A: da.Array, k: int, *, diag: np.ndarray | None = None, n_oversa
         steps = [delayed(_lobpcg_step, nout=4)(b, st, C_d, nx_prev, theta_d, AtR_d, d)
                  for b, st, d in zip(blocks, states, ds)]
         states = [s[0] for s in steps]
-        states, AtMR, GB, GA = dask.persist(states, *(tree_sum([s[i] for s in steps]) for i in (1, 2, 3)))
+        states, AtMR, GB, GA = dask.persist(states, *(tree_sum([s[i] for s in steps], part_bytes=m * 3 * nv * 8)
+                                                      for i in (1, 2, 3)))
         AtMR, GB, GA = dask.compute(AtMR, GB, GA)
         # the basis just formed is S = [X R P]; X has nx columns (none before the first solve)
         nx = 0 if AtX is None else AtX.shape[1]
