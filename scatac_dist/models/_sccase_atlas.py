@@ -18,12 +18,25 @@ passes of ``support_quad`` (the step of ``Z`` needs ``|X (D o R)|^2``; the updat
 gives the next ``q`` and ``g``), one ``X V`` and one ``X^T W``, each more only when a
 projected step is halved. Why the similarity term leaves out the pairs off the support, with
 the measurement: ``docs/methods/sccase.md``.
+
+**Restart state.** The iterate at an iteration boundary is ``Z``, ``W``, ``H``, the losses so
+far and the convergence flag; everything else an iteration starts from (``q``, ``g``,
+``X^T W``, the sampled products) is a deterministic function of them, recomputed by
+:func:`iterate_support` when it is given ``start``. :func:`save_state` writes such a state as
+one ``.npz`` file atomically (a temporary file, fsync, ``os.replace``), so a kill leaves the
+previous iteration's file or the new one, never a torn one; :func:`load_state` reads it back.
+A run resumed from iteration ``k`` repeats exactly the operations of an uninterrupted run from
+``k + 1`` on, so its results are bit-equal.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
+import uuid
+from pathlib import Path
 
 import dask
 import numpy as np
@@ -37,6 +50,46 @@ from . import sccase_pattern as data
 logger = logging.getLogger("scatac_dist")
 
 _ROWS = 20_000  # support rows per vectorised chunk on the client (bounds temporaries)
+
+
+def save_state(path: str | os.PathLike, **arrays) -> None:
+    """Write ``arrays`` to ``path`` (``.npz``) atomically: a temporary file beside it,
+    flushed to disk, then renamed over ``path``. Dicts are stored as JSON strings."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    out = {k: np.asarray(json.dumps(v)) if isinstance(v, dict) else np.asarray(v)
+           for k, v in arrays.items()}
+    try:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **out)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself survives a crash of the machine
+    finally:
+        os.close(fd)
+
+
+def load_state(path: str | os.PathLike, json_keys: tuple = ()) -> dict | None:
+    """The arrays :func:`save_state` wrote at ``path`` (``json_keys`` decoded), or ``None``
+    when there is no such file or it cannot be read (then logged)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            out = {k: z[k] for k in z.files}
+        for k in json_keys:
+            out[k] = json.loads(str(out[k]))
+    except Exception as exc:  # a file this code did not write whole: start afresh
+        logger.warning("sccase: cannot read the restart state %s (%s); starting afresh", path, exc)
+        return None
+    return out
 
 
 def sample(U: np.ndarray, V: np.ndarray, nbr: np.ndarray) -> np.ndarray:
@@ -100,10 +153,17 @@ class SupportProblem:
 
 def iterate_support(prob: SupportProblem, Z, W, H, *, max_iter: int = 100, tol: float = 1e-6,
                     h_step: float = 0.2, h_shrink: float = 0.2, max_backtracks: int = 10,
-                    max_halvings: int = 10, z_simplex: bool = False, callback=None) -> SCCASEState:
+                    max_halvings: int = 10, z_simplex: bool = False, callback=None,
+                    start: dict | None = None) -> SCCASEState:
     """The updates of :func:`scatac_dist.ops.sccase.iterate` on the support: ``Z`` is
     n x (k+1) (``Z[j, a]`` = entry ``(nbr[j, a], j)``), ``W`` m x K, ``H`` K x n. With
-    ``z_simplex`` each column of Z (a row of the support array) is projected onto the simplex."""
+    ``z_simplex`` each column of Z (a row of the support array) is projected onto the simplex.
+
+    ``callback(it, state)`` runs after each iteration (``state.converged`` and
+    ``state.timings`` set), e.g. to save the iterate. ``start`` resumes a run: ``Z``, ``W``,
+    ``H`` are then the iterate after iteration ``start['it']``, and ``start`` holds its
+    ``losses`` (empty for iteration 0: the initial loss is computed), ``timings`` and
+    ``converged``; the iterations go on from ``it + 1`` exactly as an uninterrupted run's."""
     nbr, R, lam, g1, g2 = prob.nbr, prob.R, prob.lam, prob.g1, prob.g2
     P, alpha, k1 = prob.P, prob.alpha, prob.k1
     Z, W, H = (np.array(a, np.float64) for a in (Z, W, H))
@@ -112,10 +172,19 @@ def iterate_support(prob: SupportProblem, Z, W, H, *, max_iter: int = 100, tol: 
     AW = data.times(prob.pat, W)                 # X^T W
     Ht = np.ascontiguousarray(H.T)
     SH, SAW, HHt = sample(Ht, Ht, nbr), sample(AW, Ht, nbr), H @ H.T
-    f = prob.loss(q.sum(), float(np.sum(Z * R * SAW)), Z, W, H, SH, HHt)
-    st.losses.append(f)
-    timings = []
-    for it in range(1, max_iter + 1):
+    first, timings = 1, []
+    if start is not None and len(start["losses"]):
+        first = int(start["it"]) + 1
+        st.losses = [float(x) for x in start["losses"]]
+        timings = [float(x) for x in start["timings"]]
+        st.converged = bool(start["converged"])
+        f = st.losses[-1]
+    else:
+        f = prob.loss(q.sum(), float(np.sum(Z * R * SAW)), Z, W, H, SH, HHt)
+        st.losses.append(f)
+    for it in range(first, max_iter + 1):
+        if st.converged:
+            break
         t0 = time.perf_counter()
         f_prev = f
         # --- Z: exact line search along the gradient sampled on the support, projected
@@ -180,10 +249,9 @@ def iterate_support(prob: SupportProblem, Z, W, H, *, max_iter: int = 100, tol: 
         st.losses.append(f)
         timings.append(time.perf_counter() - t0)
         logger.info("sccase (atlas): iteration %d, loss %.6g, %.1f s", it, f, timings[-1])
+        st.converged = bool(f_prev == 0 or abs(f_prev - f) / f_prev < tol)
+        st.timings = timings
         if callback is not None:
             callback(it, st)
-        if f_prev == 0 or abs(f_prev - f) / f_prev < tol:
-            st.converged = True
-            break
     st.timings = timings
     return st

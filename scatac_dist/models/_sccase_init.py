@@ -12,7 +12,6 @@ import numpy as np
 import scipy.sparse as sp
 from dask import delayed
 
-from ..blocks import share
 from . import sccase_pattern as data
 
 
@@ -43,7 +42,7 @@ def nmf_init(pat: data.Pattern, K: int, *, seed: int = 0, nmf_cells: int = 20_00
     rows = np.sort(rng.choice(pat.n, nmf_cells, replace=False))
     nmf.fit(data.pattern_rows(pat, rows))
     Wt = nmf.components_
-    s, w, Wt_ = pat.shared_s(), share(pat.w), share(Wt)
+    s, w, Wt_ = pat.shared_s(), data.share(pat.w), data.share(Wt)
     parts = [delayed(_nnls_block)(str(pat.folder), s, w, pat.m, lo, hi, Wt_, max_iter, seed)
              for lo, hi in pat.blocks()]
     return Wt.T.copy(), np.concatenate(dask.compute(*parts)).T.copy()

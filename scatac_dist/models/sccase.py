@@ -15,6 +15,10 @@ Reads ``X`` and ``obs['pass_qc']`` (all cells when absent). Writes:
   matrix then 50 principal components;
 * ``uns/scatac_dist/sccase``: K, losses, timings and every parameter.
 
+All of them are published together (:meth:`Atlas.publishing`). In atlas mode the iterate
+(``Z``, ``W``, ``H``) is kept beside the store at every iteration boundary, so a killed run,
+started again with the same parameters, goes on from the last finished iteration.
+
 The equations followed, the choices where the paper is silent and the measurements behind
 them: ``docs/methods/sccase.md``. The parts: the input pattern in :mod:`.sccase_pattern`, NMF
 initialisation in :mod:`._sccase_init`, the support of ``Z`` in :mod:`.sccase_neighbors`,
@@ -26,13 +30,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
+from ..lock import store_lock
 from ..ops import sccase as ops
 from ..ops.sccase_support import bernoulli_mask
 from ..store import Atlas, open_atlas
@@ -50,6 +55,10 @@ __all__ = ["SCCASE"]
 
 #: the exact mode refuses beyond this (its dense n x n matrices alone would pass ~2 GB)
 EXACT_MAX_CELLS = 8000
+#: the restart state's folder: ``Atlas.resume_state("sccase", ...)``
+RESUME_STAGE = "sccase"
+#: parameters that change only the outputs, not the iterations (left out of the fingerprint)
+_OUTPUT_ONLY = ("enhanced_top", "n_pcs", "scratch")
 
 
 @dataclass
@@ -109,8 +118,6 @@ class SCCASE:
         ``H`` and ``W`` do not depend on it; ``X_sccase_pca`` is computed from the stored layer.
     n_pcs
         Principal components in ``obsm['X_sccase_pca']`` (50).
-    pca_dense_max
-        Largest cells x peaks for the centred dense PCA; above it, a truncated SVD.
     nmf_cells
         Cells the initial NMF is fitted on; above, a seeded sample, the rest by NNLS.
     nmf_max_iter
@@ -155,7 +162,6 @@ class SCCASE:
     n_ref_factors: int | None = None
     enhanced_top: int | None = None
     n_pcs: int = 50
-    pca_dense_max: int = 200_000_000
     nmf_cells: int = 20_000
     nmf_max_iter: int = 500
     seed: int = 0
@@ -164,6 +170,12 @@ class SCCASE:
     def fit(self, store: str | Path | Atlas) -> SCCASE:
         """Run on ``store`` and write the outputs listed in the module docstring.
 
+        The run holds the store's write lock throughout. In atlas mode the iterate is kept
+        at every iteration boundary beside the store (:meth:`Atlas.resume_state`), so a run
+        that was killed, started again with the same parameters on the same data, goes on
+        from the last finished iteration and ends with the same results as an uninterrupted
+        run; the state is removed once the outputs are published.
+
         Returns
         -------
         SCCASE
@@ -171,6 +183,11 @@ class SCCASE:
         """
         atlas = store if isinstance(store, Atlas) else open_atlas(store)
         self._check()
+        with store_lock(atlas.path):
+            self._remove_stale_patterns(atlas)
+            return self._fit(atlas)
+
+    def _fit(self, atlas: Atlas) -> SCCASE:
         t = {}
         t0 = time.perf_counter()
         pat = data.build_pattern(atlas, min_cell_fraction=self.min_cell_fraction, norm=self.norm,
@@ -185,40 +202,66 @@ class SCCASE:
             if mode == "atlas" and not 1 <= self.k_neighbors < n:
                 raise ValueError(f"k_neighbors={self.k_neighbors} must be between 1 and the number of cells "
                                  f"less one ({n - 1})")
+            folder = resumed = None
+            if mode == "atlas":
+                fp = self._fingerprint(pat)
+                if fp is not None:
+                    folder = atlas.resume_state(RESUME_STAGE, fp)
+                    resumed = self._load_resume(folder)
             t1 = time.perf_counter()
-            K = int(self.n_factors) if self.n_factors else self._estimate_k(pat)
-            t["estimate_k"] = time.perf_counter() - t1
-            t1 = time.perf_counter()
-            P, ref_info = reference_projection(pat, K, atlas=atlas, reference=self.reference,
-                                               labels_key=self.reference_labels, self_reference=self.self_reference,
-                                               n_ref_factors=self.n_ref_factors, seed=self.seed,
-                                               nmf_cells=self.nmf_cells, max_iter=self.nmf_max_iter)
-            k1 = 0 if P is None else P.shape[1]
-            W, H = nmf_init(pat, K + k1, seed=self.seed, nmf_cells=self.nmf_cells, max_iter=self.nmf_max_iter)
-            if P is not None:
-                W[:, :k1] = P
+            if resumed is not None:
+                K, P, ref_info, nbr, Zv, W, H, start = resumed
+                k1 = 0 if P is None else P.shape[1]
+                logger.info("sccase: resuming from iteration %d (restart state in %s)", int(start["it"]), folder)
+            else:
+                K = int(self.n_factors) if self.n_factors else self._estimate_k(pat)
+                t["estimate_k"] = time.perf_counter() - t1
+                t1 = time.perf_counter()
+                P, ref_info = reference_projection(pat, K, atlas=atlas, reference=self.reference,
+                                                   labels_key=self.reference_labels,
+                                                   self_reference=self.self_reference,
+                                                   n_ref_factors=self.n_ref_factors, seed=self.seed,
+                                                   nmf_cells=self.nmf_cells, max_iter=self.nmf_max_iter)
+                k1 = 0 if P is None else P.shape[1]
+                W, H = nmf_init(pat, K + k1, seed=self.seed, nmf_cells=self.nmf_cells, max_iter=self.nmf_max_iter)
+                if P is not None:
+                    W[:, :k1] = P
+                start = None
             t["init_nmf"] = time.perf_counter() - t1
             data.release_pages()
             t1 = time.perf_counter()
             if mode == "exact":
                 st, nbr, Zv = self._run_exact(pat, W, H, P)
             else:
-                st, nbr, Zv = self._run_atlas(pat, W, H, P)
+                if resumed is None:
+                    nbr, Zv = self._atlas_start(pat, H)
+                    if folder is not None:     # iteration 0: what the start cost is not redone
+                        atlas_mode.save_state(folder / "start.npz", K=K, P=np.zeros((pat.m, 0)) if P is None else P,
+                                              nbr=nbr.astype(np.int32), ref_info=ref_info or {})
+                        start = dict(it=0, losses=[], timings=[], converged=False)
+                        atlas_mode.save_state(folder / "iterate.npz", Z=Zv, W=W, H=H, **start)
+                st = self._run_atlas(pat, nbr, Zv, W, H, P, start=start, folder=folder)
+                Zv = st.Z
             t["iterations"] = time.perf_counter() - t1
             data.release_pages()
             t1 = time.perf_counter()
-            n_stored = write_outputs(atlas, pat, st.W, st.H, nbr, Zv, enhanced_top=self.enhanced_top,
-                                     n_pcs=self.n_pcs, seed=self.seed, dense_max=self.pca_dense_max, norm=self.norm)
-            t["write"] = time.perf_counter() - t1
-            t["total"] = time.perf_counter() - t0
             self.result_ = dict(mode=mode, n_cells=n, n_peaks=pat.m, n_factors=K, n_ref_factors=k1,
                                 losses=[float(x) for x in st.losses], n_iter=len(st.losses) - 1,
-                                converged=bool(st.converged), enhanced_nnz=int(n_stored),
-                                seconds_per_iteration=getattr(st, "timings", None), reference=ref_info)
+                                converged=bool(st.converged),
+                                seconds_per_iteration=getattr(st, "timings", None), reference=ref_info,
+                                resumed_from_iteration=None if resumed is None else int(resumed[-1]["it"]))
             params = asdict(self)
             params["reference"] = None if self.reference is None else str(self.reference) \
                 if isinstance(self.reference, (str, Path)) else "<in memory>"
-            atlas.record("sccase", params, t, result=self.result_)
+            with atlas.publishing("sccase"):   # every output and the record visible together
+                n_stored = write_outputs(atlas, pat, st.W, st.H, nbr, Zv, enhanced_top=self.enhanced_top,
+                                         n_pcs=self.n_pcs, seed=self.seed, norm=self.norm)
+                self.result_["enhanced_nnz"] = int(n_stored)
+                t["write"] = time.perf_counter() - t1
+                t["total"] = time.perf_counter() - t0
+                atlas.record("sccase", params, t, result=self.result_)
+            if folder is not None:
+                atlas.clear_resume(RESUME_STAGE)
             self.W_, self.H_, self.Z_ = st.W, st.H, (nbr, Zv)
             self.timings_ = t
             logger.info("sccase: %s mode, K=%d, %d iterations, loss %.6g -> %.6g, %.1f s", mode, K,
@@ -282,16 +325,68 @@ class SCCASE:
         nbr = np.broadcast_to(np.arange(n), (n, n))
         return st, nbr, st.Z.T                              # Zv[j, i] = Z[i, j]
 
-    def _run_atlas(self, pat, W, H, P):
-        """``Z0`` (Jaccard on each cell's support, normalised) and ``R`` on the support, then
-        :func:`scatac_dist.models._sccase_atlas.iterate_support`."""
+    def _atlas_start(self, pat, H):
+        """The support and ``Z0`` (Jaccard on each cell's support, each column summing to 1)."""
         nbr = self.support_cells(pat, H)
         Zv = jaccard_on_support(pat, nbr)
         Zv /= Zv.sum(1, keepdims=True)
+        return nbr, Zv
+
+    def _run_atlas(self, pat, nbr, Zv, W, H, P, *, start=None, folder=None):
+        """``R`` on the support, then :func:`scatac_dist.models._sccase_atlas.iterate_support`
+        (from ``start`` when resuming), saving the iterate in ``folder`` after each iteration."""
         cols = np.broadcast_to(np.arange(pat.n)[:, None], nbr.shape)
         R = bernoulli_mask(nbr, cols, pat.n, self.keep_prob, self.seed)
         prob = atlas_mode.SupportProblem(pat, nbr, R, lam=self.lam, g1=self.gamma1, g2=self.gamma2, P=P,
                                          alpha=self.alpha)
-        st = atlas_mode.iterate_support(prob, Zv, W, H, max_iter=self.max_iter, tol=self.tol,
-                                        z_simplex=self.z_simplex)
-        return st, nbr, st.Z
+
+        def keep(it, st):
+            atlas_mode.save_state(folder / "iterate.npz", Z=st.Z, W=st.W, H=st.H, it=it, losses=st.losses,
+                                  timings=st.timings, converged=st.converged)
+
+        return atlas_mode.iterate_support(prob, Zv, W, H, max_iter=self.max_iter, tol=self.tol,
+                                          z_simplex=self.z_simplex, start=start,
+                                          callback=keep if folder is not None else None)
+
+    # -- restart state ------------------------------------------------------------------------
+
+    def _fingerprint(self, pat: data.Pattern) -> dict | None:
+        """What the iterations depend on: every parameter but those of the outputs only, the
+        cells and peaks used, and the reference file's size and time. ``None`` (no restart
+        state) for an in-memory reference, which cannot be identified."""
+        import hashlib
+
+        params = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _OUTPUT_ONLY}
+        ref = self.reference
+        if ref is not None:
+            if not isinstance(ref, (str, Path)):
+                logger.info("sccase: an in-memory reference cannot be identified; no restart state is kept")
+                return None
+            p = Path(ref)
+            st = p.stat() if p.exists() else None
+            params["reference"] = {"path": str(p.absolute()), "size": st and st.st_size,
+                                   "mtime_ns": st and st.st_mtime_ns}
+        digest = {k: hashlib.sha256(np.ascontiguousarray(v, np.int64).tobytes()).hexdigest()
+                  for k, v in (("cells", pat.cells), ("peaks", pat.peaks))}
+        return {"format": 1, "params": params, "n": pat.n, "m": pat.m, **digest}
+
+    def _load_resume(self, folder: Path):
+        """``(K, P, ref_info, nbr, Z, W, H, start)`` from ``folder``, or ``None``."""
+        head = atlas_mode.load_state(folder / "start.npz", json_keys=("ref_info",))
+        it = atlas_mode.load_state(folder / "iterate.npz") if head is not None else None
+        if it is None:
+            return None
+        P = head["P"] if head["P"].shape[1] else None
+        start = dict(it=int(it["it"]), losses=it["losses"], timings=it["timings"], converged=bool(it["converged"]))
+        return (int(head["K"]), P, head["ref_info"] or None, head["nbr"].astype(np.int64), it["Z"], it["W"], it["H"],
+                start)
+
+    @staticmethod
+    def _remove_stale_patterns(atlas: Atlas) -> None:
+        """Remove pattern folders that killed runs left beside the store (we hold its lock,
+        so no live run of this store is using them)."""
+        import shutil
+
+        for p in atlas.path.parent.glob(f".{atlas.path.name}.sccase-*"):
+            shutil.rmtree(p, ignore_errors=True)
+            logger.info("sccase: removed %s, left by an interrupted run", p.name)

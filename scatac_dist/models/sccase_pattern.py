@@ -28,7 +28,7 @@ import numpy as np
 import scipy.sparse as sp
 from dask import delayed
 
-from ..blocks import share, tree_sum
+from ..blocks import tree_sum
 from ..pp.filter import cell_mask
 from ..store import Atlas
 
@@ -103,6 +103,16 @@ class Pattern:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def share(a: np.ndarray):
+    """``a`` as one key of the graph that every task of a pass refers to (never a copy per task).
+
+    The key holds the array in the graph itself rather than scattering it: a scattered array
+    lives on one worker until another fetches it, and is lost for good if that worker dies
+    first (Dask then cancels the whole pass: measured with a SIGKILLed worker, "lost scattered
+    data, which can't be recovered"); a key of the graph is recomputed like any other task."""
+    return delayed(np.asarray(a), pure=False)
 
 
 _OPEN: dict = {}
