@@ -15,6 +15,7 @@ import os
 import resource
 import shutil
 
+import dask.config
 import numpy as np
 import pytest
 
@@ -80,8 +81,12 @@ def test_the_pipeline_runs_on_workers_with_a_tenth_of_the_matrix(tmp_path, clien
     limit = dense // 10
     out = tmp_path / "big.zarr"
     synthesize(out, p, chunk_rows=1000, client=client, progress=False)  # written by the usual workers
+    # The eigen-solvers keep the transformed matrix on the workers when it fits their cache
+    # budget (a trade of memory for speed, scatac-dist.linalg.cache-bytes-per-worker); off
+    # here, so every pass re-reads the store chunk by chunk: the path whose bound is the chunk.
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      memory_limit=limit) as lc, Client(lc) as client:
+                      memory_limit=limit) as lc, Client(lc) as client, \
+            dask.config.set({"scatac-dist.linalg.cache-bytes-per-worker": 0}):
         atlas = open_atlas(out, chunk_rows=1000)
         pids = client.run(os.getpid)
         report = run_stages(atlas, default_stages(), client=client, progress=False)
