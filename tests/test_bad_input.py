@@ -49,6 +49,7 @@ class Ctx:
     tmp: Path
     base_store: Path                  # a synthetic store (obs celltype, no results yet)
     counts: sp.csr_matrix
+    other_store: Path                 # another synthetic dataset (other seed and size)
 
     def store(self) -> Path:
         dst = self.tmp / "s.zarr"
@@ -226,6 +227,18 @@ def case_cuda_without_a_gpu(ctx):
     return Case(["scale", s, "--device", "cuda"], ["--device cuda", "no CUDA device", "--device cpu"], guard=s)
 
 
+def case_checkpoint_of_another_dataset(ctx):
+    from scatac_dist.models import SCALE
+    from scatac_dist.store import open_atlas
+
+    ck = ctx.tmp / "checkpoints"
+    SCALE(n_clusters=3, max_iter=4, checkpoint_dir=str(ck), checkpoint_every=2, min_cells=1, min_reads=1,
+          progress=False).fit(open_atlas(ctx.other_store), outputs=False)
+    s = ctx.store()
+    return Case(["scale", s, "--n-clusters", "3", "--max-iter", "8", "--checkpoint-dir", ck, "--resume", "auto"],
+                [str(ck), "checkpoint of another run", "data: "], guard=s)
+
+
 def case_more_clusters_than_cells(ctx):
     s = ctx.store()
     return Case(["run", s, "--n-clusters", "601"], [str(s), "--n-clusters 601", "600 cells"], guard=s)
@@ -264,7 +277,7 @@ CASES = [
     case_unwritable_output_folder, case_disk_full_while_publishing,
     pytest.param(case_cuda_without_a_gpu, marks=pytest.mark.skipif(
         __import__("torch").cuda.is_available(), reason="a GPU is visible: --device cuda is valid here")),
-    case_more_clusters_than_cells, case_scale_more_clusters_than_cells,
+    case_checkpoint_of_another_dataset, case_more_clusters_than_cells, case_scale_more_clusters_than_cells,
     case_labels_with_duplicate_barcodes, case_h5ad_dense_non_integer,
 ]
 
@@ -277,6 +290,14 @@ def base_store(tmp_path_factory, client):
     return out
 
 
+@pytest.fixture(scope="module")
+def other_store(tmp_path_factory, client):
+    out = tmp_path_factory.mktemp("corpus-other") / "other.zarr"
+    synthesize(out, SynthParams(n_cells=300, n_peaks=500, n_clusters=3, n_lineages=1, seed=9),
+               chunk_rows=100, client=client, progress=False)
+    return out
+
+
 def _snapshot(path: Path) -> dict[str, str]:
     if path.is_file():
         return {path.name: hashlib.sha1(path.read_bytes()).hexdigest()}
@@ -285,8 +306,9 @@ def _snapshot(path: Path) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("make", CASES, ids=lambda f: f.__name__.removeprefix("case_"))
-def test_bad_input_gets_one_clear_error_and_loses_nothing(make, cluster, base_store, tmp_path, counts):
-    case = make(Ctx(tmp_path, base_store, counts))
+def test_bad_input_gets_one_clear_error_and_loses_nothing(make, cluster, base_store, other_store, tmp_path,
+                                                          counts):
+    case = make(Ctx(tmp_path, base_store, counts, other_store))
     try:
         before = _snapshot(case.guard) if case.guard else None
         beside = sorted(p.name for p in case.guard.parent.iterdir()) if case.guard else None
