@@ -22,9 +22,12 @@ demo: install
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-# the long tests (crash tests at every publishing step, memory bounds); GPU tests skip without one
+# the long tests (crash tests at every publishing step, memory bounds), one pytest process per
+# module: the memory-bound tests measure their workers' peak memory and start their own
+# clusters, and run alone as they were measured; GPU tests skip without a GPU
+SLOW_MODULES = $(shell grep -l "mark.slow" tests/test_*.py)
 test-slow: install
-	$(PY) -m pytest -m "slow and not slurm" $(PYTEST_ARGS)
+	set -e; for m in $(SLOW_MODULES); do $(PY) -m pytest -m "slow and not slurm" $$m $(PYTEST_ARGS); done
 
 lint: install
 	$(VENV)/bin/ruff check scatac_dist tests benchmarks
