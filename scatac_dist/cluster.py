@@ -92,11 +92,10 @@ def get_client(
 
 
 def current_client() -> Client:
-    """The active Dask client, or a new embedded local cluster when there is none."""
-    from distributed import default_client
-
+    """The active Dask client (the one ``dask.compute`` would use), or a new embedded local
+    cluster when there is none."""
     try:
-        return default_client()
+        return Client.current()
     except ValueError:
         logger.info("No Dask client is active: starting an embedded LocalCluster")
         return get_client()

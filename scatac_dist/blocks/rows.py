@@ -16,9 +16,9 @@ def transform_in_parallel(model, E: np.ndarray, rows: int = 50_000) -> np.ndarra
     cluster). The model travels to each worker once (as one task of the graph, so a worker
     that dies does not take it with it: see :func:`share`)."""
     try:
-        from distributed import default_client
+        from distributed import Client
 
-        default_client()
+        Client.current()
     except ValueError:
         return model.transform(E)
     import dask

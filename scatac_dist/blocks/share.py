@@ -41,9 +41,9 @@ def cache_fits(nnz: int) -> bool:
 
     budget = parse_bytes(get("linalg.cache-bytes-per-worker", "2GiB"))
     try:
-        from distributed import default_client
+        from distributed import Client
 
-        workers = default_client().scheduler_info()["workers"].values()
+        workers = Client.current().scheduler_info()["workers"].values()
         limits = [w.get("memory_limit") or 0 for w in workers]
         n_workers = max(len(limits), 1)
         if limits and min(limits) > 0:

@@ -45,10 +45,10 @@ def store_peaks(atlas: Atlas, what: str) -> pd.DataFrame:
 
 def dask_client():
     """The current Dask client; scEmbed's corpus and encoding passes run on it."""
-    from distributed import default_client
+    from distributed import Client
 
     try:
-        return default_client()
+        return Client.current()
     except ValueError:
         raise RuntimeError("scEmbed runs on a Dask cluster: start one first (scatac_dist.get_client())") from None
 
