@@ -42,6 +42,26 @@ def client(cluster):
         yield c
 
 
+@pytest.fixture(scope="module")
+def fcluster():
+    """A LocalCluster of one test module's own (2 worker processes under nannies), for tests
+    that kill its workers."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      memory_limit="2GiB") as lc:
+        yield lc
+
+
+@pytest.fixture(scope="module")
+def fclient(fcluster):
+    """A client of :func:`fcluster`, current (not the global default) inside the module."""
+    from distributed import Client
+
+    with Client(fcluster, set_as_default=False) as c, c.as_current():
+        yield c
+
+
 @pytest.fixture
 def small_chunks():
     """Tiny zarr chunks, so that X's assembly crosses many chunk and block boundaries."""

@@ -28,23 +28,6 @@ P = SynthParams(n_cells=1000, n_peaks=2000, n_clusters=3, n_lineages=1, fragment
 SMALL = {"scatac-dist.ingest.piece-bytes": 50_000, "scatac-dist.store.data-chunk-elements": 20_000}
 
 
-@pytest.fixture(scope="module")
-def fcluster():
-    """A LocalCluster of its own, since its workers get killed."""
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      memory_limit="2GiB") as lc:
-        yield lc
-
-
-@pytest.fixture(scope="module")
-def fclient(fcluster):
-    from distributed import Client
-
-    with Client(fcluster, set_as_default=False) as c, c.as_current():
-        yield c
-
 
 def _ingest(src: Path, out: Path, client):
     with dask.config.set(SMALL):

@@ -36,23 +36,6 @@ P = SynthParams(n_cells=1000, n_peaks=2000, n_clusters=3, n_lineages=1, fragment
 TRAIN = dict(dim=16, min_count=3, workers=1, umap=False, progress=False)
 
 
-@pytest.fixture(scope="module")
-def fcluster():
-    """A LocalCluster of its own (2 worker processes under nannies), since its workers get killed."""
-    from distributed import LocalCluster
-
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      memory_limit="2GiB") as lc:
-        yield lc
-
-
-@pytest.fixture(scope="module")
-def fclient(fcluster):
-    from distributed import Client
-
-    with Client(fcluster, set_as_default=False) as c, c.as_current():
-        yield c
-
 
 @pytest.fixture(scope="module")
 def base(fclient, tmp_path_factory):
