@@ -168,6 +168,7 @@ def run_stages(atlas: Atlas, stages: list[Stage], *, client=None, force: bool = 
         Per stage: ``{"skipped": bool, "seconds": float}``.
     """
     from .cluster import current_client
+    from .cluster.monitor import stage as monitored
 
     client = client or current_client()
     done = atlas.provenance()
@@ -184,7 +185,7 @@ def run_stages(atlas: Atlas, stages: list[Stage], *, client=None, force: bool = 
         rerun = True
         t0 = time.perf_counter()
         logger.info("stage %s: running", st.name)
-        with atlas.publishing(f"pipeline_{st.name}"):
+        with monitored(st.name), atlas.publishing(f"pipeline_{st.name}"):
             st.fn(atlas, client, progress=progress, **st.params)
             seconds = time.perf_counter() - t0
             atlas.record(f"pipeline_{st.name}", st.params, {"total": seconds})

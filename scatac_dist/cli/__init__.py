@@ -8,49 +8,75 @@ whether progress bars are drawn. Errors about input are printed as one line
 Layout: :mod:`.context` (the session, the one error handler, the progress policy),
 :mod:`.defaults` (option defaults read from the models), one module per command group:
 :mod:`.ingest` (ingest, info, synth), :mod:`.demo`, :mod:`.analysis` (run, plot, evaluate),
-:mod:`.sccase`, :mod:`.scale`, :mod:`.scembed` (train, encode, annotate).
+:mod:`.sccase`, :mod:`.scale`, :mod:`.scembed` (train, encode, annotate), :mod:`.batch` (job-script).
 """
 
 from __future__ import annotations
 
 import logging
+import signal
+import threading
 
 import click
 
-from . import analysis, demo, ingest, scale, sccase, scembed
+from . import analysis, batch, demo, ingest, scale, sccase, scembed
 from .context import Group, Session, show_progress
 
 __all__ = ["main"]
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--cluster", "cluster_type", type=click.Choice(["local", "slurm", "pbs"], case_sensitive=False),
+              envvar="SCATAC_DIST_CLUSTER", help="Where workers run: an embedded local cluster (default), or "
+              "Dask workers submitted as SLURM or PBS jobs (settings: scatac-dist.cluster.jobqueue).")
 @click.option("--scheduler", metavar="tcp://HOST:PORT", envvar="SCATAC_DIST_SCHEDULER",
-              help="Run on an existing Dask scheduler instead of an embedded local cluster.")
+              help="Run on an existing Dask scheduler (tls://HOST:PORT for TLS).")
 @click.option("--workers", type=int, help="Local cluster: worker processes (default: cores, max 8).")
 @click.option("--threads-per-worker", type=int, help="Local cluster: threads per worker (default 1).")
 @click.option("--memory-limit", metavar="SIZE", help="Local cluster: memory per worker, e.g. 4GiB.")
+@click.option("--jobs", type=int, help="SLURM/PBS: number of worker jobs (default 2).")
+@click.option("--adapt", metavar="MIN:MAX", help="SLURM/PBS: scale between MIN and MAX worker jobs with the load.")
+@click.option("--queue", help="SLURM partition / PBS queue of the worker jobs.")
+@click.option("--account", help="SLURM/PBS account the worker jobs are charged to.")
+@click.option("--walltime", metavar="HH:MM:SS", help="SLURM/PBS: time limit of each worker job (default 01:00:00).")
+@click.option("--job-cores", type=int, help="SLURM/PBS: cores per worker job (one worker process each).")
+@click.option("--job-memory", metavar="SIZE", help="SLURM/PBS: memory per worker job, e.g. 16GiB.")
+@click.option("--tls-ca-file", type=click.Path(dir_okay=False), help="TLS: the CA certificate (PEM).")
+@click.option("--tls-cert", type=click.Path(dir_okay=False), help="TLS: this client's certificate (PEM).")
+@click.option("--tls-key", type=click.Path(dir_okay=False), help="TLS: this client's key, if not in --tls-cert.")
 @click.option("--performance-report", type=click.Path(dir_okay=False),
               help="Write Dask's HTML performance report of the run to this file.")
+@click.option("--performance-report-dir", type=click.Path(file_okay=False),
+              help="Write one Dask performance report per stage into this folder.")
 @click.option("--progress/--no-progress", default=None,
               help="Draw progress bars on stderr, or not (default: only when stderr is a terminal).")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for Dask's own).")
 @click.version_option(package_name="scatac-dist")
 @click.pass_context
-def main(ctx: click.Context, scheduler, workers, threads_per_worker, memory_limit, performance_report, progress,
-         verbose):
+def main(ctx: click.Context, cluster_type, scheduler, workers, threads_per_worker, memory_limit, jobs, adapt, queue,
+         account, walltime, job_cores, job_memory, tls_ca_file, tls_cert, tls_key, performance_report,
+         performance_report_dir, progress, verbose):
     """scatac-dist: atlas-scale single-cell ATAC-seq analysis on Dask."""
     logging.basicConfig(format="%(asctime)s %(name)s %(levelname)s: %(message)s", level=logging.WARNING)
     logging.getLogger("scatac_dist").setLevel(logging.DEBUG if verbose > 1 else logging.INFO)
     if verbose < 2:
-        for name in ("distributed", "bokeh", "tornado"):
+        for name in ("distributed", "bokeh", "tornado", "dask_jobqueue"):
             logging.getLogger(name).setLevel(logging.ERROR)
-    ctx.obj = Session(scheduler=scheduler, workers=workers, threads=threads_per_worker, memory_limit=memory_limit,
-                      report=performance_report, progress=show_progress(progress))
+    # a batch system ends a job with SIGTERM (scancel, walltime, pre-emption): handle it as
+    # Ctrl-C, so that the worker jobs are cancelled and the store lock released on the way out
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+    job_options = {"queue": queue, "account": account, "walltime": walltime, "cores": job_cores,
+                   "memory": job_memory}
+    ctx.obj = Session(scheduler=scheduler, cluster_type=cluster_type, workers=workers, threads=threads_per_worker,
+                      memory_limit=memory_limit, jobs=jobs, adapt=adapt, job_options=job_options,
+                      tls={"ca_file": tls_ca_file, "cert": tls_cert, "key": tls_key}, report=performance_report,
+                      report_dir=performance_report_dir, progress=show_progress(progress))
     ctx.call_on_close(ctx.obj.close)
 
 
 for _cmd in (ingest.ingest, ingest.info, ingest.synth, demo.demo, analysis.run, analysis.plot,
-             analysis.evaluate, sccase.sccase, scale.scale, scembed.scembed):
+             analysis.evaluate, sccase.sccase, scale.scale, scembed.scembed, batch.job_script):
     main.add_command(_cmd)
 del _cmd
 

@@ -51,6 +51,7 @@ def ingest(session: Session, inputs, out, labels, fmt, chunk_rows, overwrite, ro
                               overwrite=overwrite, round_counts=round_counts, join=join,
                               batch_names=batch_names.split(",") if batch_names else None, layer=layer,
                               client=client, progress=session.progress)
+    session.summarise(atlas.path)
     click.echo(f"wrote {atlas.path}")
     click.echo(describe(atlas.path))
 
@@ -115,5 +116,6 @@ def synth(session: Session, out, overwrite, chunk_rows, **kw):
     with bars_on_stderr():
         atlas = synthesize(out, params, chunk_rows=chunk_rows, overwrite=overwrite, client=client,
                            progress=session.progress)
+    session.summarise(atlas.path)
     click.echo(f"wrote {atlas.path}")
     click.echo(describe(atlas.path))
