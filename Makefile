@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow lint bench-install bench-ingest bench-scaling bench-quality bench-sccase-install clean
+.PHONY: install demo test test-slow test-slurm lint bench-install bench-ingest bench-scaling bench-quality bench-sccase-install clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -71,3 +71,14 @@ bench-sccase-install:
 
 clean:
 	rm -rf out benchmarks/work .pytest_cache
+
+# The tests marked `slurm` against a real single-node SLURM started here (tests/slurm/local-slurm.sh:
+# installs slurm-wlm and munge when missing, needs root) and stopped by its PIDs afterwards.
+# Without root the SLURM does not start and the tests skip, saying why.
+SLURM_DIR ?= /tmp/scatac-dist-slurm
+test-slurm: install
+	@rm -rf $(SLURM_DIR); mkdir -p $(SLURM_DIR); \
+	if tests/slurm/local-slurm.sh start $(SLURM_DIR); then export SLURM_CONF=$(SLURM_DIR)/slurm.conf; \
+	else echo "test-slurm: no local SLURM (see above): the slurm tests will skip"; fi; \
+	$(PY) -m pytest -m slurm tests/test_slurm.py $(PYTEST_ARGS); rc=$$?; \
+	tests/slurm/local-slurm.sh stop $(SLURM_DIR); exit $$rc
