@@ -72,8 +72,7 @@ def run_once(kind: str, store: Path, workers: int, memory: str, env: dict) -> di
     import scatac_dist as sd
 
     a = sd.Atlas(store)
-    run_key = max(k for k in a.provenance() if k.startswith("run_"))
-    summary = json.loads(a.read(f"uns/scatac_dist/{run_key}"))
+    summary = list(a.runs().values())[-1]
     lines = r.stderr.splitlines()
     start = {}
     for ln in lines:

@@ -466,7 +466,16 @@ class Atlas:
         return sorted(g[slot].keys()) if slot in g else []
 
     def provenance(self) -> dict[str, dict]:
-        """Provenance of every stage recorded in ``uns/scatac_dist``."""
+        """Provenance of every stage recorded in ``uns/scatac_dist`` (run summaries, the
+        ``run_<id>`` entries, are :meth:`runs`)."""
+        return {k: v for k, v in self._records().items() if not k.startswith("run_")}
+
+    def runs(self) -> dict[str, dict]:
+        """The run summaries of the commands that wrote to this store (``uns/scatac_dist/run_<id>``,
+        written by the CLI: :mod:`scatac_dist.cluster.monitor`), by run id, oldest first."""
+        return {k[4:]: v for k, v in sorted(self._records().items()) if k.startswith("run_")}
+
+    def _records(self) -> dict[str, dict]:
         g = self._group()
         key = f"uns/{PROVENANCE_KEY}"
         if key not in g:

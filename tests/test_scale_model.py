@@ -127,7 +127,7 @@ def test_cli_scale_and_estimated_k(sim, tmp_path):
                                   "60", "--min-cells", "1", "--min-reads", "1", "--depth-norm", "--no-depth-offset", "--model-out",
                                   str(tmp_path / "model")])
     assert r.exit_code == 0, r.output
-    out = json.loads(r.output[r.output.index("{"):])
+    out = json.loads(r.stdout[r.stdout.index("{"):])
     # k is the Tracy-Widom estimate on the binarised cells and peaks SCALE used: the
     # simulation's 3 clusters (SCALE raises an estimate below 2 to 2)
     X = sim[1]

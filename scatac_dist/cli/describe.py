@@ -35,11 +35,12 @@ def describe(path: str | Path) -> str:
             if keys:
                 lines.append(f"{head}{slot}: {', '.join(keys)}")
         for stage, rec in a.provenance().items():
-            if stage.startswith("run_"):  # a run summary (cluster.monitor), not a stage
-                lines.append(f"{head}run {stage[4:]}: {rec.get('status')}, {rec.get('wall_s', 0):.1f} s, "
-                             f"{len(rec.get('stages', []))} stages (STORE.run-{stage[4:]}.md)")
-                continue
             tot = rec.get("timings_s", {}).get("total")
             lines.append(f"{head}stage {stage}: {rec.get('finished_at')}"
                          + (f", {tot:.1f} s" if tot is not None else ""))
+        runs = a.runs()
+        if runs:
+            last_id, last = list(runs.items())[-1]
+            lines.append(f"{head}runs: {len(runs)}; last {last_id}: {last.get('status')}, "
+                         f"{last.get('wall_s', 0):.1f} s, {len(last.get('stages', []))} stages")
     return "\n".join(lines)
