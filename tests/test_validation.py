@@ -206,16 +206,15 @@ def test_output_exists(run, tmp_path, counts):
     out = tmp_path / "out.zarr"
     assert run("ingest", str(folder), "-o", str(out)).exit_code == 0
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
-    summary = tuple(p.name for p in tmp_path.glob("out.zarr.run-*.md"))  # the ingest's run summary
-    assert len(summary) == 1
+    assert len(list(tmp_path.glob("out.zarr.run-*.md"))) == 1  # the ingest's run summary
     res = run("ingest", str(folder), "-o", str(out))
-    check_refused(res, tmp_path, "out.zarr", "already exists", "--overwrite", keep=("in", "out.zarr", *summary))
+    check_refused(res, tmp_path, "out.zarr", "already exists", "--overwrite", keep=("in", "out.zarr"))
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
 
     # --overwrite with bad input: the old store survives untouched
     (folder / "peaks.bed").write_text("chr1\t5\t1\n")
     res = run("ingest", str(folder), "-o", str(out), "--overwrite")
-    check_refused(res, tmp_path, "peaks.bed", keep=("in", "out.zarr", *summary))
+    check_refused(res, tmp_path, "peaks.bed", keep=("in", "out.zarr"))
     assert (ad.read_zarr(out).X != counts).nnz == 0
 
 
