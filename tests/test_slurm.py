@@ -124,13 +124,14 @@ def test_pipeline_on_slurm_worker_jobs_equals_local_run(bm_store, tmp_path, env)
     np.testing.assert_allclose(np.asarray(b.read("obsm/X_spectral")), np.asarray(a.read("obsm/X_spectral")),
                                rtol=1e-5, atol=1e-6)
     assert (b.obs["leiden"].astype(str).to_numpy() == a.obs["leiden"].astype(str).to_numpy()).all()
-    runs = list(b.runs())
-    assert len(runs) == 1 and not any(k.startswith("run_") for k in b.provenance())
-    summary = b.runs()[runs[0]]
+    runs = list(b.runs())  # the ingest's run, then this one
+    assert len(runs) == 2 and not any(k.startswith("run_") for k in b.provenance())
+    summary = b.runs()[runs[-1]]
+    assert "--cluster slurm" in summary["command"] and summary["status"] == "done"
     stages = {s["stage"]: s for s in summary["stages"]}
     assert {"qc", "lsi", "spectral", "leiden"} <= set(stages) and all(s["status"] == "done" for s in stages.values())
     assert stages["lsi"]["tasks"] > 0 and len(stages["lsi"]["peak_memory_per_worker"]) == 2
-    assert (tmp_path / f"slurm.zarr.run-{runs[0]}.md").is_file()
+    assert (tmp_path / f"slurm.zarr.run-{runs[-1]}.md").is_file()
 
 
 def test_interrupted_run_cancels_its_worker_jobs(bm_store, tmp_path, env):
