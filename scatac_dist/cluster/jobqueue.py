@@ -37,11 +37,12 @@ KINDS = {
     "pbs": ("PBSCluster", "qsub", "qstat", "qdel", "PBS"),
 }
 
-_WALLTIME = re.compile(r"^(?:(\d+)-)?(\d{1,3}):([0-5]?\d)(?::([0-5]?\d))?$")
+_WALLTIME = re.compile(r"^(?:(\d+)-)?(\d{1,3}):([0-5]?\d):([0-5]?\d)$")
 
 
 def parse_walltime(text: str) -> float:
-    """Seconds in a batch walltime: ``HH:MM:SS``, ``HH:MM`` or ``D-HH:MM:SS``.
+    """Seconds in a batch walltime: ``HH:MM:SS`` or ``D-HH:MM:SS`` (SLURM reads a bare ``A:B``
+    as minutes:seconds and PBS as hours:minutes, so it is refused as ambiguous).
 
     Raises
     ------
@@ -54,8 +55,6 @@ def parse_walltime(text: str) -> float:
             f"walltime {text!r} is not a batch time limit. Fix: give HH:MM:SS (e.g. 02:00:00) or "
             "D-HH:MM:SS (e.g. 1-00:00:00) to --walltime or scatac-dist.cluster.jobqueue.walltime.")
     days, h, mi, s = (int(g) if g else 0 for g in m.groups())
-    if m.group(4) is None:  # HH:MM
-        h, mi, s = h, mi, 0
     return float(((days * 24 + h) * 60 + mi) * 60 + s)
 
 
@@ -224,11 +223,6 @@ def job_script(spec: JobSpec, *, adapt: tuple[int, int] | None = None, security=
         return cluster.job_script()
     finally:
         cluster.close()
-
-
-def job_ids(cluster) -> list[str]:
-    """IDs of the jobs the cluster has submitted and not yet closed."""
-    return [str(job.job_id) for job in getattr(cluster, "workers", {}).values() if getattr(job, "job_id", None)]
 
 
 def job_states(spec: JobSpec) -> dict[str, tuple[str, str]]:
