@@ -1,7 +1,6 @@
-"""The examples in deploy/ that cannot run here: the Kubernetes Job (no API server) parses and
-runs the command the docs say, and the example config names only settings that exist. The
-SLURM recipes run under a real SLURM in tests/test_slurm.py; the PBS ones are checked in
-tests/test_cluster_batch.py."""
+"""The example config in deploy/ names only settings that exist. The SLURM recipes run under a
+real SLURM in tests/test_slurm.py, the PBS ones are checked in tests/test_cluster_batch.py,
+the Kubernetes manifests in tests/test_k8s.py and the image in tests/test_container.py."""
 
 from __future__ import annotations
 
@@ -10,13 +9,6 @@ from pathlib import Path
 import yaml
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
-
-
-def test_k8s_scale_job_is_a_torchrun_job():
-    job = yaml.safe_load((DEPLOY / "k8s" / "scale-job.yaml").read_text())
-    assert job["kind"] == "Job"
-    c = job["spec"]["template"]["spec"]["containers"][0]
-    assert c["command"][0] == "torchrun" and c["args"][1:3] == ["--no-progress", "scale"]
 
 
 def _keys(d: dict, prefix: str = "") -> set[str]:

@@ -1,12 +1,14 @@
-"""Get a Dask client: an embedded ``LocalCluster`` by default, worker jobs on SLURM or PBS, or
-an existing scheduler.
+"""Get a Dask client: an embedded ``LocalCluster`` by default, worker jobs on SLURM or PBS,
+worker pods on Kubernetes, or an existing scheduler (also the one ``DASK_SCHEDULER_ADDRESS``
+names, as in a DaskJob's job pod).
 
 Every distributed step in scatac-dist runs on the *current* client, so where work runs is
 decided here and nowhere else (GUIDE invariant 4). Defaults come from the ``scatac-dist.cluster``
 section of the Dask configuration (see ``scatac_dist.yaml``).
 
-Modules: :mod:`.jobqueue` (SLURM/PBS worker jobs), :mod:`.security` (TLS), :mod:`.monitor`
-(the run summary and per-stage reports).
+Modules: :mod:`.jobqueue` (SLURM/PBS worker jobs), :mod:`.kubernetes` (``--cluster k8s`` and
+the manifests of deploy/k8s), :mod:`.manifests` (``scatac-dist deploy k8s``), :mod:`.security`
+(TLS), :mod:`.monitor` (the run summary and per-stage reports).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ logger = logging.getLogger("scatac_dist")
 __all__ = ["get_client", "current_client", "close_client", "maybe_performance_report", "dashboard_hint",
            "job_spec", "CLUSTER_TYPES"]
 
-CLUSTER_TYPES = ("local", *KINDS)
+CLUSTER_TYPES = ("local", *KINDS, "k8s")
 
 
 def _default_n_workers() -> int:
@@ -54,17 +56,22 @@ def get_client(
     wait: bool = True,
     **job_options,
 ) -> Client:
-    """Start an embedded ``LocalCluster``, submit Dask workers as SLURM or PBS jobs, or connect
-    to a running scheduler.
+    """Start an embedded ``LocalCluster``, submit Dask workers as SLURM or PBS jobs, create
+    worker pods on Kubernetes, or connect to a running scheduler.
+
+    With no ``scheduler`` and no ``cluster`` given, a scheduler address in Dask's config
+    (``scheduler-address``, e.g. from ``DASK_SCHEDULER_ADDRESS``, which the dask-kubernetes
+    operator sets in a DaskJob's job pod) is connected to; else ``scatac-dist.cluster.type``
+    decides.
 
     Parameters
     ----------
     scheduler
         Address of an existing scheduler (``tcp://HOST:PORT`` or ``tls://HOST:PORT``).
     cluster
-        ``"local"`` (default, ``scatac-dist.cluster.type``), ``"slurm"`` or ``"pbs"``.
+        ``"local"`` (default, ``scatac-dist.cluster.type``), ``"slurm"``, ``"pbs"`` or ``"k8s"``.
     n_workers, threads_per_worker, memory_limit, dashboard_address
-        Local cluster shape; ``None`` takes ``scatac-dist.cluster.*`` from the Dask config.
+        Local cluster shape (``n_workers``: worker pods for k8s); ``None`` takes ``scatac-dist.cluster.*`` from the Dask config.
         ``memory_limit`` is per worker (``"4GiB"``, bytes, or ``"auto"``). The local cluster and
         every dashboard bind to 127.0.0.1 unless the address says otherwise.
     timeout
@@ -79,7 +86,9 @@ def get_client(
     job_options
         SLURM/PBS: ``queue``, ``account``, ``walltime``, ``cores``, ``memory``, ``processes``,
         ``job_extra_directives``, ``job_script_prologue``, ``interface``, ``local_directory``,
-        ``log_directory``: override ``scatac-dist.cluster.jobqueue.*``.
+        ``log_directory``: override ``scatac-dist.cluster.jobqueue.*``. Kubernetes: ``image``,
+        ``namespace``, ``worker_cpu``, ``worker_memory``, ``pvc``, ``mount_path`` override
+        ``scatac-dist.cluster.kubernetes.*``.
 
     Returns
     -------
@@ -91,8 +100,12 @@ def get_client(
     ------
     ClusterError
         If the scheduler cannot be reached, a cluster type does not exist, the batch system's
-        commands are missing, a partition does not exist, or no worker job starts in time.
+        commands are missing, a partition does not exist, no worker job starts in time, or
+        there is no Kubernetes configuration.
     """
+    if scheduler is None and cluster is None and dask.config.get("scheduler-address", None):
+        scheduler = dask.config.get("scheduler-address")
+        logger.info("Connecting to the scheduler of Dask's config (DASK_SCHEDULER_ADDRESS): %s", scheduler)
     kind = (cluster or _config.get("cluster.type") or "local").lower()
     if kind not in CLUSTER_TYPES:
         raise ClusterError(f"cluster type {kind!r} does not exist. Fix: use one of {', '.join(CLUSTER_TYPES)} "
@@ -104,6 +117,19 @@ def get_client(
         if kind != "local":
             raise ClusterError(f"--scheduler and --cluster {kind} both choose where workers run. Fix: give one.")
         return _connect(scheduler, security, timeout)
+    k8s_options = {k: job_options.pop(k) for k in ("image", "namespace", "worker_cpu", "worker_memory", "pvc",
+                                                     "mount_path") if k in job_options}
+    if kind == "k8s":
+        from .kubernetes import make_kube_cluster
+
+        kube = make_kube_cluster(n_workers=n_workers, adapt=parse_adapt(adapt), **k8s_options)
+        try:
+            client = Client(kube)
+        except BaseException:
+            kube.close()
+            raise
+        logger.info("Dask client %s; dashboard: %s", client.scheduler.address, client.dashboard_link)
+        return client
     if kind in KINDS:
         spec = JobSpec(kind, **job_options)
         lo_hi = parse_adapt(adapt)
