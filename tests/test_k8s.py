@@ -263,6 +263,19 @@ def test_get_client_k8s_creates_the_cluster_from_the_config_and_closes_it(tmp_pa
     assert kwargs["custom_cluster_spec"]["spec"]["worker"]["spec"]["containers"][0]["image"] == IMAGE
 
 
+def test_dashboard_line_in_a_pod_is_a_port_forward(monkeypatch):
+    from types import SimpleNamespace
+
+    from scatac_dist.cluster import dashboard_hint
+
+    client = SimpleNamespace(dashboard_link="http://10.4.2.7:8787/status", cluster=None,
+                             scheduler=SimpleNamespace(address="tcp://scatac-pipeline-scheduler.atlas.svc.cluster.local:8786"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    assert "kubectl" not in dashboard_hint(client)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    assert "kubectl port-forward -n atlas svc/scatac-pipeline-scheduler 8787:8787" in dashboard_hint(client)
+
+
 def test_cluster_k8s_without_kube_config_or_image_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "nope"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)

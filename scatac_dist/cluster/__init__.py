@@ -212,7 +212,8 @@ def close_client(client: Client) -> None:
 
 def dashboard_hint(client: Client) -> str:
     """The dashboard link, and the ``ssh -L`` line that reaches it from a laptop when the
-    scheduler runs on a cluster node (a login node, or a compute node inside a batch job)."""
+    scheduler runs on a cluster node (a login node, or a compute node inside a batch job), or
+    the ``kubectl port-forward`` line when it is a Kubernetes Service seen from a pod."""
     link = client.dashboard_link
     if not link:
         return "dashboard: off"
@@ -226,6 +227,12 @@ def dashboard_hint(client: Client) -> str:
         link, target = f"http://127.0.0.1:{port}{path}", "127.0.0.1"
     else:
         target = url.hostname
+    service = _k8s_service(urlparse(client.scheduler.address).hostname or "")
+    if service and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        # a pod (a DaskJob's job pod): the scheduler is a Service, reached with kubectl
+        svc, namespace = service
+        return (f"dashboard: {link}\n  from a laptop: kubectl port-forward -n {namespace} svc/{svc} {port}:{port}  "
+                f"then open http://localhost:{port}{path}")
     in_job = os.environ.get("SLURM_JOB_ID") or os.environ.get("PBS_JOBID")
     login = os.environ.get("SLURM_SUBMIT_HOST") or os.environ.get("PBS_O_HOST")
     remote = in_job or job_spec(client) is not None or target not in ("127.0.0.1", "localhost", "::1")
@@ -235,6 +242,14 @@ def dashboard_hint(client: Client) -> str:
     jump = f" -J {login}" if in_job and login else ""
     return (f"dashboard: {link}\n  from a laptop: ssh -N -L {port}:{target}:{port}{jump} {host}  then open "
             f"http://localhost:{port}{path}")
+
+
+def _k8s_service(host: str) -> tuple[str, str] | None:
+    """(service, namespace) of a Kubernetes Service's DNS name (NAME.NAMESPACE.svc[.cluster.local])."""
+    parts = host.split(".")
+    if len(parts) >= 3 and parts[2] == "svc":
+        return parts[0], parts[1]
+    return None
 
 
 def current_client() -> Client:
