@@ -4,14 +4,15 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow test-slurm lint bench-install bench-ingest bench-scaling bench-quality bench-sccase-install clean
+.PHONY: install demo test test-slow test-slurm test-container lint bench-install bench-ingest bench-scaling bench-quality bench-sccase-install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml deploy/docker/requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: any looser range pulls several GB of CUDA packages here
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[test]"
+	# the runtime dependencies at the versions the image pins (tested together; the extras resolve freely)
+	$(PY) -m pip install -q -e ".[test]" -c deploy/docker/requirements.txt
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -82,3 +83,9 @@ test-slurm: install
 	else echo "test-slurm: no local SLURM (see above): the slurm tests will skip"; fi; \
 	$(PY) -m pytest -m slurm tests/test_slurm.py $(PYTEST_ARGS); rc=$$?; \
 	tests/slurm/local-slurm.sh stop $(SLURM_DIR); exit $$rc
+
+# The tests marked `container`: build the image of deploy/docker with podman from a Debian
+# base made here (debootstrap) and wheels from this venv's pins, then run it with
+# --network none (tests/container/; installs podman, buildah, runc and debootstrap when missing)
+test-container: install
+	$(PY) -m pytest -m container tests/test_container.py $(PYTEST_ARGS)

@@ -371,12 +371,14 @@ def _synth(path: Path):
     assert r.returncode == 0, r.stderr[-3000:]
 
 
-def test_daskjob_commands_run_the_pipeline_like_a_local_run(tmp_path):
+def test_daskjob_commands_run_the_pipeline_like_a_local_run(tmp_path, monkeypatch):
     """The rendered DaskJob's scheduler, worker and job containers, run here: the job pod's
     `scatac-dist run` finds the scheduler through DASK_SCHEDULER_ADDRESS alone (no flag), and
     the embedding and clusters equal those of a local run on another number of workers."""
     docs = _deploy(tmp_path, "--store", "/data/atlas.zarr", "--workers", "3")
     job = _one(docs, "DaskJob")
+    # every process reads the store in 3 row chunks (a site's setting over the ConfigMap's)
+    monkeypatch.setenv("DASK_SCATAC_DIST__STORE__CHUNK_ROWS", "1000")
     pods = _Pods(tmp_path, docs)
     _synth(pods.mounts["/data"] / "atlas.zarr")
     local = tmp_path / "local.zarr"
@@ -400,6 +402,7 @@ def test_daskjob_commands_run_the_pipeline_like_a_local_run(tmp_path):
     finally:
         pods.stop()
     assert f"Connecting to the scheduler of Dask's config (DASK_SCHEDULER_ADDRESS): {address}" in pods.tail()
+    assert "3 row chunks of 1000 cells" in (tmp_path / "job.out").read_text()
 
     r = subprocess.run([CLI, "--workers", "2", "--no-progress", "run", str(local)], capture_output=True, text=True,
                        timeout=900)
