@@ -31,8 +31,8 @@ def deploy():
 @click.option("--adapt", metavar="MIN:MAX", help="pipeline/interactive: add a DaskAutoscaler between MIN and MAX workers.")
 @click.option("--worker-cpu", metavar="QUANTITY", help="CPU request of each worker pod (default 1).")
 @click.option("--worker-memory", metavar="QUANTITY", help="Memory request and limit of each worker pod (default 4Gi).")
-@click.option("--nodes", type=int, help="train-*: pods (nodes) that train together (default 2).")
-@click.option("--gpus-per-node", type=int, help="train-*: GPUs each pod requests, one rank each (default 4).")
+@click.option("--nodes", type=int, help="train-gpu, train-gpu-pytorchjob: pods (nodes) that train together (default 2).")
+@click.option("--gpus-per-node", type=int, help="train-gpu, train-gpu-pytorchjob: GPUs each pod requests, one rank each (default 4).")
 @click.option("--storage-class", help="StorageClass of the volume of stores (ReadWriteMany).")
 @click.option("--storage-size", metavar="QUANTITY", help="Size of the volume of stores (default 500Gi).")
 @click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path),
