@@ -22,6 +22,7 @@ Every write holds the store's lock (:mod:`scatac_dist.lock`): one writer per sto
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import ctypes.util
 import errno
@@ -377,7 +378,10 @@ class Atlas:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(int(s) for s in self._group()["X"].attrs["shape"])
+        g = self._group()
+        if "X" not in g and self.is_mudata and not self.group_path:  # a MuData root: cells, no features
+            return (len(read_elem(g["obs"]).index), 0)
+        return tuple(int(s) for s in g["X"].attrs["shape"])
 
     @property
     def n_obs(self) -> int:
@@ -562,6 +566,26 @@ class Atlas:
             finally:
                 if work.exists():
                     shutil.rmtree(work, ignore_errors=True)
+
+    @contextmanager
+    def joined(self, mod: str | None) -> Iterator[Atlas]:
+        """Another part of this MuData store, whose writes join the enclosing
+        :meth:`publishing` block: modality ``mod``, or the root (``mod=None``: ``obs``,
+        ``obsm``, ``uns`` of the MuData itself). For outputs of a multi-modal method that belong
+        in several places and must appear together."""
+        if not self.is_mudata:
+            raise ValueError(f"{self.path} is an AnnData store: it has no other modality or MuData root")
+        if self._pub is None:
+            raise RuntimeError("Atlas.joined is for use inside `with atlas.publishing(stage):`")
+        other = copy.copy(self)
+        other.mod, other.group_path = mod, f"mod/{mod}" if mod else ""
+        if mod and mod not in zarr.open_group(str(self.path), mode="r")["mod"]:
+            raise InputError(self.path, f"has no modality {mod!r}", "ingest a joint RNA + ATAC file")
+        other._pub = self._pub
+        try:
+            yield other
+        finally:
+            other._pub = None
 
     def clean_orphans(self) -> list[Path]:
         """Remove what killed writers left beside the store; see :func:`clean_orphans`."""

@@ -24,16 +24,9 @@ removed once the outputs are published.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
-import shutil
-import socket
-import tempfile
-import time
-from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,10 +34,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..errors import InputError
 from ..modules.scale import FULL_LAYERS, QUICK_LAYERS, SCALEModule
-from ..train import DistEnv, ShardedStream, StoreRows, TrainConfig, cleanup, fit, init_process_group, launch
-from ..train.checkpoint import checkpoint_info
+from ..train import DistEnv, StoreRows, TrainConfig, runs
+from ..train.runs import rank_main, resume_mode, run_ranks
 from ._scale_outputs import encode_csr
 
 if TYPE_CHECKING:
@@ -117,81 +109,19 @@ def train_config_lr(model: SCALE) -> float:
     return float(model.lr) if model.lr is not None else 2e-3
 
 
-def describe_difference(old: dict, new: dict) -> str:
-    """The entries of two fingerprints that differ, in words (``seed: 0 in the checkpoint, 1
-    now; ...``)."""
-    def short(key, v):
-        if key == "data" and isinstance(v, dict):
-            shape = "x".join(str(s) for s in v.get("shape", []))
-            return f"{v.get('path')} ({shape}, nnz {v.get('nnz')})"
-        if isinstance(v, dict) and "n" in v:
-            return f"{v['n']} ({v.get('sha1', '')[:8]})"
-        return json.dumps(v)
-
-    parts = [f"{key}: {short(key, old.get(key))} in the checkpoint, {short(key, new.get(key))} now"
-             for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
-    return "; ".join(parts)
-
-
-def resume_mode(resume: bool | str) -> str:
-    """``"no"``, ``"yes"`` or ``"auto"`` from SCALE's ``resume`` (``False``/``True``/``"auto"``)."""
-    modes = {False: "no", True: "yes", "no": "no", "yes": "yes", "auto": "auto"}
-    if isinstance(resume, str):
-        resume = resume.lower()
-    if resume not in modes:
-        raise ValueError(f"resume={resume!r}; use False, True or 'auto'")
-    return modes[resume]
-
-
 def restart_folder(atlas: Atlas, fp: dict) -> Path:
-    """The store's restart folder of SCALE for this fingerprint (state of other parameters
-    or data there is discarded). The ranks of a torchrun/srun job all ask at once: a rank
-    that loses the race to create the folder asks again."""
-    for attempt in range(10):
-        try:
-            return atlas.resume_state("scale", fp)
-        except OSError:
-            if attempt == 9:
-                raise
-            time.sleep(0.1 * (attempt + 1))
-    raise AssertionError("unreachable")
+    """SCALE's restart folder in the store for this fingerprint (:func:`scatac_dist.train.restart_folder`)."""
+    return runs.restart_folder(atlas, "scale", fp)
 
 
 def resolve_resume(folder: str | None, fp: dict, mode: str) -> bool:
-    """Whether to continue the newest checkpoint in ``folder`` (``mode`` from :func:`resume_mode`).
+    """:func:`scatac_dist.train.resolve_resume` for SCALE."""
+    return runs.resolve_resume(folder, fp, mode, name="SCALE")
 
-    Raises
-    ------
-    InputError
-        ``"yes"`` and no checkpoint there; ``"yes"`` or ``"auto"`` and the checkpoint has another
-        fingerprint (the folder holds another run), or ``"auto"`` and it has none (written by
-        a version without fingerprints: it cannot be told apart from another run's).
-    """
-    if mode == "no":
-        return False
-    info = checkpoint_info(folder) if folder else None
-    if info is None:
-        if mode == "yes":
-            raise InputError(folder, "no checkpoint to resume from (no step-*.pt)",
-                             "run without --resume to start, or with --resume auto to start fresh when there "
-                             "is no checkpoint; pass the --checkpoint-dir of the run to continue")
-        logger.info("SCALE: no checkpoint in %s; starting fresh", folder)
-        return False
-    old = info["fingerprint"]
-    if old is None:
-        if mode == "auto":
-            raise InputError(folder, f"holds a checkpoint ({info['path'].name}) without a fingerprint, so it cannot "
-                             "be told whether it was written for this data and these parameters",
-                             "continue it with --resume yes, or give this run another --checkpoint-dir")
-        logger.warning("%s: checkpoint without a fingerprint; continuing it as asked", info["path"])
-        return True
-    if old != fp:
-        raise InputError(folder, f"holds the checkpoint of another run ({info['path'].name}, step {info['step']}): "
-                         f"{describe_difference(old, fp)}",
-                         "rerun with the data and parameters of that run to continue it, or give this run "
-                         "another --checkpoint-dir (or remove that folder) to start fresh")
-    logger.info("SCALE: resuming from %s (step %d)", info["path"], info["step"])
-    return True
+
+def handoff_folder(checkpoint_dir: str | None):
+    """:func:`scatac_dist.train.handoff_folder` with SCALE's prefix."""
+    return runs.handoff_folder(checkpoint_dir, prefix="scale")
 
 
 def encoder_layers(hidden: tuple[int, ...] | None, quick: bool) -> tuple[int, ...]:
@@ -239,36 +169,6 @@ def gmm_init(module: SCALEModule, rows: StoreRows, k: int, *, seed: int = 0, max
     module.prior.set_from(np.full(k, 1.0 / k), gmm.means_, gmm.covariances_)
 
 
-@contextlib.contextmanager
-def handoff_folder(checkpoint_dir: str | None) -> Iterator[Path]:
-    """A temporary folder for the hand-off, inside ``checkpoint_dir`` when given (created if
-    missing), so that every rank of a multi-node job sees it there.
-
-    Its name holds this host and PID (``scale-<host>-<pid>-*``); hand-off folders there of
-    processes of this host that no longer run (a killed job's) are removed first, since each
-    holds a copy of the initial module."""
-    host = socket.gethostname()
-    if checkpoint_dir:
-        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        for old in Path(checkpoint_dir).glob(f"scale-{host}-*-*"):
-            pid = old.name[len(f"scale-{host}-"):].split("-", 1)[0]
-            if pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(old, ignore_errors=True)
-    with tempfile.TemporaryDirectory(prefix=f"scale-{host}-{os.getpid()}-", dir=checkpoint_dir,
-                                     ignore_cleanup_errors=True) as tmp:
-        yield Path(tmp)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's: it runs
-        return True
-    return True
-
-
 def handoff(folder: Path, model: SCALE, rows: StoreRows, cells: np.ndarray, peaks: np.ndarray, k: int,
             median_open: float | None, fingerprint: dict | None = None) -> dict:
     """Build the initial module and write it, with the masks, into ``folder``; returns the spec
@@ -289,57 +189,26 @@ def handoff(folder: Path, model: SCALE, rows: StoreRows, cells: np.ndarray, peak
 
 
 def train(spec: dict, *, env: DistEnv, nproc: int = 1) -> dict | None:
-    """Run :func:`train_rank` on ``spec`` in every rank; returns rank 0's result
-    (``{"module": state dict, "summary": ...}``), or ``None`` in the other ranks of a
-    ``torchrun``/``srun`` job."""
-    if env.distributed:
-        train_rank(spec)  # this process is one rank of torchrun/srun: threads are the launcher's call
-    elif nproc <= 1:
-        # all the cores this process may use: a Dask LocalCluster started earlier leaves
-        # OMP_NUM_THREADS=1 in the environment, and a process that starts torch after that
-        # trains on one core (train.dist.without_dask_worker_environ has the measurements)
-        prev = torch.get_num_threads()
-        torch.set_num_threads(_cores())
-        try:
-            train_rank(spec)
-        finally:
-            torch.set_num_threads(prev)
-    else:
-        launch(train_rank, (spec,), nproc)
-    if env.rank != 0:
-        return None
-    return torch.load(spec["out"], map_location="cpu", weights_only=False)
+    """Run :func:`train_rank` on ``spec`` in every rank (:func:`scatac_dist.train.run_ranks`);
+    returns rank 0's result (``{"module": state dict, "summary": ...}``), or ``None`` in the
+    other ranks of a ``torchrun``/``srun`` job."""
+    return run_ranks(train_rank, spec, env=env, nproc=nproc)
 
 
 def train_rank(spec: dict) -> None:
-    """One rank's training: join the process group, stream this rank's shard, train, save.
+    """One rank's training (:func:`scatac_dist.train.rank_main`): this rank's shard of the
+    store's used cells and peaks, the initial module from the hand-off."""
+    rank_main(spec, _rows, _module)
 
-    With ``spec["every_rank"]`` every rank saves its module (``out.rank<r>.pt``), for checks
-    that the ranks agree; otherwise rank 0 saves to ``spec["out"]``.
-    """
-    env = DistEnv.from_environ()
-    cfg = TrainConfig(**spec["train"])
-    if cfg.device.startswith("cuda"):
-        torch.cuda.set_device(env.local_rank)
-        cfg.device = f"cuda:{env.local_rank}"
-    init_process_group(env, cfg.device)
-    try:
-        masks = np.load(spec["masks"])
-        rows = StoreRows(spec["store"], mod=spec["mod"], cells=masks["cells"], peaks=np.flatnonzero(masks["peaks"]),
-                         chunk_rows=spec["chunk_rows"], cache_bytes=CACHE_BYTES)
-        stream = ShardedStream(rows, batch_size=cfg.batch_size, rank=env.rank, world=env.world_size,
-                               seed=cfg.seed, buffer_chunks=cfg.buffer_chunks)
-        module = module_from(spec["module"], torch.load(spec["init"], map_location="cpu", weights_only=False))
-        summary = fit(module, stream, cfg, env)
-        out = Path(spec["out"])
-        if spec.get("every_rank"):
-            out = out.with_name(f"{out.stem}.rank{env.rank}{out.suffix}")
-        if env.rank == 0 or spec.get("every_rank"):
-            tmp = out.with_suffix(".tmp")
-            torch.save({"module": module.cpu().state_dict(), "summary": summary}, tmp)
-            tmp.replace(out)
-    finally:
-        cleanup()
+
+def _rows(spec: dict) -> StoreRows:
+    masks = np.load(spec["masks"])
+    return StoreRows(spec["store"], mod=spec["mod"], cells=masks["cells"], peaks=np.flatnonzero(masks["peaks"]),
+                     chunk_rows=spec["chunk_rows"], cache_bytes=CACHE_BYTES)
+
+
+def _module(spec: dict) -> SCALEModule:
+    return module_from(spec["module"], torch.load(spec["init"], map_location="cpu", weights_only=False))
 
 
 def module_from(config: dict, state: dict) -> SCALEModule:
@@ -352,9 +221,3 @@ def module_from(config: dict, state: dict) -> SCALEModule:
     return module
 
 
-def _cores() -> int:
-    """Cores this process may run on (the affinity mask, which SLURM and containers set)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)

@@ -183,6 +183,23 @@ class GMMPrior(nn.Module):
         floor = torch.full_like(log_joint, LOG_GAMMA_FLOOR)
         return torch.softmax(torch.logaddexp(log_joint, floor), dim=1)
 
+    def kl(self, mu: torch.Tensor, logvar: torch.Tensor, z: torch.Tensor,
+           gamma: torch.Tensor | None = None) -> torch.Tensor:
+        """Per cell, ``KL(q(z, c | x) || p(z, c))`` with ``q(z|x) = N(mu, e^logvar)`` and
+        ``q(c|x) = gamma`` (default :meth:`responsibilities` at the sample ``z``), in SCALE's four
+        parts: ``E[-log p(z|c)] + E[-log p(c)] + E[log q(z|x)] + E[log q(c|x)]``."""
+        if gamma is None:
+            gamma = self.responsibilities(z)
+        var_c = self.variances
+        expected = (LOG_2PI + var_c.log().unsqueeze(0)
+                    + (logvar.exp().unsqueeze(1) + (mu.unsqueeze(1) - self.mu.unsqueeze(0)).pow(2))
+                    / var_c.unsqueeze(0)).sum(-1)  # n x K
+        neg_log_pzc = 0.5 * (gamma * expected).sum(1)
+        neg_log_pc = -(gamma * torch.log_softmax(self.logits, 0).unsqueeze(0)).sum(1)
+        log_qz = -0.5 * (1 + LOG_2PI + logvar).sum(1)
+        log_qc = (gamma * torch.log(gamma.clamp_min(1e-10))).sum(1)
+        return neg_log_pzc + neg_log_pc + log_qz + log_qc
+
 
 class SCALEModule(nn.Module):
     """SCALE's VAE with a GMM prior.
@@ -276,17 +293,8 @@ class SCALEModule(nn.Module):
             logits = logits.add_(torch.log(open_peaks.to(logits.dtype).clamp_min(1) / self.depth_ref).unsqueeze(1))
         recon = F.binary_cross_entropy_with_logits(logits.float(), x.float(), reduction="none").sum(1)
         mu, logvar, z = mu.float(), logvar.float(), z.float()
-        prior = self.prior
-        gamma = prior.responsibilities(z)  # n x K
-        var_c = prior.variances
-        expected = (LOG_2PI + var_c.log().unsqueeze(0)
-                    + (logvar.exp().unsqueeze(1) + (mu.unsqueeze(1) - prior.mu.unsqueeze(0)).pow(2))
-                    / var_c.unsqueeze(0)).sum(-1)  # n x K
-        neg_log_pzc = 0.5 * (gamma * expected).sum(1)
-        neg_log_pc = -(gamma * torch.log_softmax(prior.logits, 0).unsqueeze(0)).sum(1)
-        log_qz = -0.5 * (1 + LOG_2PI + logvar).sum(1)
-        log_qc = (gamma * torch.log(gamma.clamp_min(1e-10))).sum(1)
-        kl = neg_log_pzc + neg_log_pc + log_qz + log_qc
+        gamma = self.prior.responsibilities(z)  # n x K
+        kl = self.prior.kl(mu, logvar, z, gamma)
         return {"recon": recon, "kl": kl, "gamma": gamma, "mu": mu}
 
     def forward(self, x: torch.Tensor, cols=None, offsets=None, values=None, noise: torch.Tensor | None = None,

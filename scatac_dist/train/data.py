@@ -18,6 +18,10 @@ The epoch plan (:class:`ShardedStream`) is what makes training reproducible:
 * Where a step starts in the stream follows from the chunk row counts alone, so a resumed
   run skips whole buffers without reading them (:meth:`ShardedStream.epoch`).
 
+A joint RNA + ATAC store is read the same way (:class:`JointRows`): chunk ``k`` of every
+modality, side by side, so a batch holds the same cells in both and goes through the same
+plan, shuffles and checkpoints.
+
 Batches travel as CSR pieces (:class:`SparseBatch`) and are densified on the device.
 Memory per process: the store's ``indptr`` (8 bytes per cell), a few buffers of chunks, and
 optionally a cache of decoded chunks bounded by ``cache_bytes``, whatever the atlas size
@@ -40,7 +44,7 @@ import zarr
 
 from ..store import Atlas
 
-__all__ = ["StoreRows", "ShardedStream", "SparseBatch", "prefetch"]
+__all__ = ["ChunkReader", "StoreRows", "JointRows", "ShardedStream", "SparseBatch", "prefetch"]
 
 
 @dataclass
@@ -81,7 +85,61 @@ class SparseBatch:
         return self.to_device(device)["x"].to(dtype)
 
 
-class StoreRows:
+class ChunkReader:
+    """What :class:`ShardedStream` reads: row chunks of the cells kept, with a cache.
+
+    Subclasses set ``path``, ``n_obs``, ``chunk_rows``, ``cells`` (mask over the store's
+    cells), ``n_chunks``, ``bounds`` (chunk row bounds), ``chunk_cells`` (kept cells per chunk)
+    and ``cache_bytes``, and implement ``_read_chunk(k)``.
+    """
+
+    def _init_chunks(self, n_obs: int, chunk_rows: int, cells: np.ndarray | None, cache_bytes: int) -> None:
+        self.n_obs, self.chunk_rows = int(n_obs), int(chunk_rows)
+        self.cells = np.ones(self.n_obs, bool) if cells is None else np.asarray(cells, bool)
+        if self.cells.shape != (self.n_obs,):
+            raise ValueError(f"cell mask has {self.cells.shape[0]} entries, the store has {self.n_obs} cells")
+        self.n_chunks = -(-self.n_obs // self.chunk_rows)
+        self.bounds = np.minimum(np.arange(self.n_chunks + 1) * self.chunk_rows, self.n_obs)
+        csum = np.concatenate([[0], np.cumsum(self.cells)])
+        self.chunk_cells = csum[self.bounds[1:]] - csum[self.bounds[:-1]]  # kept cells per chunk
+        self.cache_bytes = int(cache_bytes)
+        self._cache: dict[int, tuple[sp.csr_matrix, np.ndarray]] = {}
+        self._cached = 0
+
+    @property
+    def n_cells(self) -> int:
+        return int(self.chunk_cells.sum())
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_cache"], state["_cached"] = {}, 0
+        return state
+
+    def read_chunk(self, k: int) -> tuple[sp.csr_matrix, np.ndarray]:
+        """Chunk ``k`` as float32 CSR over the kept cells and columns, and those cells' store rows.
+
+        Callers must not modify the result in place (it may be the cached copy).
+        """
+        hit = self._cache.get(k)
+        if hit is not None:
+            return hit
+        m, rows = self._read_chunk(k)
+        size = m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + rows.nbytes
+        if self._cached + size <= self.cache_bytes:  # dict writes are atomic: safe from the prefetch thread
+            self._cache[k] = (m, rows)
+            self._cached += size
+        return m, rows
+
+    def _read_chunk(self, k: int) -> tuple[sp.csr_matrix, np.ndarray]:
+        raise NotImplementedError
+
+    def iter_chunks(self, chunks=None) -> Iterator[tuple[int, sp.csr_matrix, np.ndarray]]:
+        """``(k, matrix, store rows)`` for each chunk in ``chunks`` (default all, in order), prefetched."""
+        chunks = range(self.n_chunks) if chunks is None else chunks
+        return prefetch((k, *self.read_chunk(k)) for k in chunks if self.chunk_cells[k])
+
+
+class StoreRows(ChunkReader):
     """Row-chunk reader of an atlas's counts, restricted to some cells and peaks.
 
     Parameters
@@ -107,28 +165,13 @@ class StoreRows:
         atlas = Atlas(path, mod=mod, chunk_rows=chunk_rows)
         self.path, self.mod = str(atlas.path), mod
         self.group_path = atlas.group_path
-        self.n_obs, self.n_vars = atlas.shape
-        self.chunk_rows = atlas.chunk_rows
+        n_obs, self.n_vars = atlas.shape
         self.binarize = binarize
-        self.cells = np.ones(self.n_obs, bool) if cells is None else np.asarray(cells, bool)
-        if self.cells.shape != (self.n_obs,):
-            raise ValueError(f"cell mask has {self.cells.shape[0]} entries, the store has {self.n_obs} cells")
+        self._init_chunks(n_obs, atlas.chunk_rows, cells, cache_bytes)
         self.peaks = np.arange(self.n_vars) if peaks is None else np.asarray(peaks, np.int64)
         self.col_map = np.full(self.n_vars, -1, np.int64)
         self.col_map[self.peaks] = np.arange(len(self.peaks))
-        self.n_chunks = -(-self.n_obs // self.chunk_rows)
-        bounds = np.minimum(np.arange(self.n_chunks + 1) * self.chunk_rows, self.n_obs)
-        self.bounds = bounds
-        csum = np.concatenate([[0], np.cumsum(self.cells)])
-        self.chunk_cells = csum[bounds[1:]] - csum[bounds[:-1]]  # kept cells per chunk
         self._arrays = None
-        self.cache_bytes = int(cache_bytes)
-        self._cache: dict[int, tuple[sp.csr_matrix, np.ndarray]] = {}
-        self._cached = 0
-
-    @property
-    def n_cells(self) -> int:
-        return int(self.chunk_cells.sum())
 
     @property
     def n_peaks(self) -> int:
@@ -142,25 +185,9 @@ class StoreRows:
         return self._arrays
 
     def __getstate__(self):
-        state = dict(self.__dict__)
+        state = super().__getstate__()
         state["_arrays"] = None
-        state["_cache"], state["_cached"] = {}, 0
         return state
-
-    def read_chunk(self, k: int) -> tuple[sp.csr_matrix, np.ndarray]:
-        """Chunk ``k`` as float32 CSR over the kept cells and peaks, and those cells' store rows.
-
-        Callers must not modify the result in place (it may be the cached copy).
-        """
-        hit = self._cache.get(k)
-        if hit is not None:
-            return hit
-        m, rows = self._read_chunk(k)
-        size = m.data.nbytes + m.indices.nbytes + m.indptr.nbytes + rows.nbytes
-        if self._cached + size <= self.cache_bytes:  # dict writes are atomic: safe from the prefetch thread
-            self._cache[k] = (m, rows)
-            self._cached += size
-        return m, rows
 
     def _read_chunk(self, k: int) -> tuple[sp.csr_matrix, np.ndarray]:
         indptr, indices, data = self._x()
@@ -182,10 +209,39 @@ class StoreRows:
         m.sort_indices()
         return m, a + keep
 
-    def iter_chunks(self, chunks=None) -> Iterator[tuple[int, sp.csr_matrix, np.ndarray]]:
-        """``(k, matrix, store rows)`` for each chunk in ``chunks`` (default all, in order), prefetched."""
-        chunks = range(self.n_chunks) if chunks is None else chunks
-        return prefetch((k, *self.read_chunk(k)) for k in chunks if self.chunk_cells[k])
+
+class JointRows(ChunkReader):
+    """Several modalities of one MuData store read side by side: chunk ``k`` of each, columns
+    concatenated in the order given (e.g. RNA genes, then ATAC peaks), rows the same cells.
+
+    Each part is a :class:`StoreRows` of one modality (its own column selection and
+    binarisation, no cache of its own); they must cover the same cells with the same chunking.
+    ``widths`` gives each part's columns, so a model can split a batch again.
+    """
+
+    def __init__(self, parts: list[StoreRows], *, cache_bytes: int = 0):
+        if not parts:
+            raise ValueError("JointRows needs at least one part")
+        first = parts[0]
+        for p in parts[1:]:
+            if p.n_obs != first.n_obs or p.chunk_rows != first.chunk_rows or not np.array_equal(p.cells, first.cells):
+                raise ValueError(f"modalities {first.mod!r} and {p.mod!r} differ in cells or chunking; "
+                                 "they must be the same cells of one MuData store")
+        self.parts = list(parts)
+        self.path, self.mod = first.path, tuple(p.mod for p in parts)
+        self.widths = tuple(p.n_peaks for p in parts)
+        self._init_chunks(first.n_obs, first.chunk_rows, first.cells, cache_bytes)
+
+    @property
+    def n_peaks(self) -> int:
+        """All columns (the sum of :attr:`widths`)."""
+        return int(sum(self.widths))
+
+    def _read_chunk(self, k: int) -> tuple[sp.csr_matrix, np.ndarray]:
+        pieces = [p.read_chunk(k) for p in self.parts]
+        m = sp.hstack([q[0] for q in pieces], format="csr", dtype=np.float32)
+        m.sort_indices()
+        return m, pieces[0][1]
 
 
 def prefetch(it, depth: int = 2):
@@ -230,7 +286,7 @@ class ShardedStream:
     Parameters
     ----------
     rows
-        The reader.
+        The reader (:class:`StoreRows`, or :class:`JointRows` for several modalities).
     batch_size
         Global batch: cells per optimisation step over all ranks.
     rank, world
@@ -241,7 +297,7 @@ class ShardedStream:
         Chunks whose rows are shuffled together.
     """
 
-    def __init__(self, rows: StoreRows, *, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
+    def __init__(self, rows: ChunkReader, *, batch_size: int, rank: int = 0, world: int = 1, seed: int = 0,
                  buffer_chunks: int = 4):
         if batch_size < world:
             raise ValueError(f"batch_size={batch_size} is smaller than the {world} processes; "
