@@ -16,6 +16,12 @@ Model (all parameters in :class:`SynthParams`):
   ARI 1 (see tests/test_datasets.py).
 * Batches (optional) scale the background of each peak by ``exp(N(0, batch_effect))``
   and shift depth, as library preparation does.
+* **Joint RNA + ATAC** (``n_genes > 0``): the same cells also get gene counts, written as a
+  MuData store (``mod/rna``, ``mod/atac``). Genes have a log-normal base abundance; each
+  type raises its own ``marker_fraction`` of the genes, and its lineage's, by ``exp(marker_fold)``
+  (types of one lineage share half their markers). A cell draws ``UMIs ~ LogNormal(log(umis),
+  depth_sigma)`` and counts ``~ NB(mean UMIs x p_type, rna_dispersion)`` (Gamma-Poisson):
+  the shared cell types are what both modalities carry.
 
 Determinism: cells are generated in fixed blocks of :data:`GEN_BLOCK` cells, block ``k``
 from ``default_rng([seed, k])``, so the atlas depends on the seed alone, never on the store's
@@ -39,7 +45,7 @@ from .store import Atlas
 
 logger = logging.getLogger("scatac_dist")
 
-__all__ = ["SynthParams", "synthesize", "generate_rows", "synth_obs", "synth_var", "repeak"]
+__all__ = ["SynthParams", "synthesize", "generate_rows", "synth_obs", "synth_var", "synth_genes", "repeak"]
 
 GEN_BLOCK = 1024
 _CHROM_SIZES_MB = [249, 242, 198, 190, 181, 171, 159, 145, 138, 134, 135, 133, 114, 107, 102,
@@ -63,6 +69,11 @@ class SynthParams:
     n_batches: int = 1
     batch_effect: float = 0.0
     seed: int = 0
+    n_genes: int = 0
+    umis: float = 1500.0
+    marker_fraction: float = 0.03
+    marker_fold: float = 1.5
+    rna_dispersion: float = 2.0
 
     def __post_init__(self):
         if self.n_cells < 1 or self.n_peaks < 10:
@@ -73,6 +84,10 @@ class SynthParams:
             raise ValueError("need 1 <= n_lineages <= n_clusters")
         if self.n_batches < 1:
             raise ValueError("n_batches must be >= 1")
+        if self.n_genes < 0 or (self.n_genes and self.n_genes < 10):
+            raise ValueError("n_genes must be 0 (ATAC only) or >= 10")
+        if self.rna_dispersion <= 0:
+            raise ValueError(f"rna_dispersion must be > 0, not {self.rna_dispersion}")
 
 
 @dataclass(frozen=True)
@@ -153,14 +168,54 @@ def _gen_block(p: SynthParams, k: int) -> sp.csr_matrix:
                          shape=(n, p.n_peaks))
 
 
-def generate_rows(params: dict | SynthParams, start: int, stop: int) -> sp.csr_matrix:
-    """Counts of cells ``[start, stop)`` as CSR; the same whatever range is asked for."""
+@lru_cache(maxsize=4)
+def _rna_model(p: SynthParams) -> np.ndarray:
+    """Each type's expected share of UMIs per gene (n_clusters x n_genes), from the seed alone."""
+    m = _model(p)
+    rng = np.random.default_rng([p.seed, 0x24A])
+    base = rng.lognormal(0.0, 1.5, p.n_genes)
+    n_mark = max(1, int(p.marker_fraction * p.n_genes))
+    lineage_marks = [rng.choice(p.n_genes, n_mark, replace=False) for _ in range(p.n_lineages)]
+    logfold = np.zeros((p.n_clusters, p.n_genes))
+    for c in range(p.n_clusters):
+        logfold[c, rng.choice(p.n_genes, n_mark, replace=False)] += p.marker_fold
+        logfold[c, lineage_marks[m.lineage_of[c]]] += p.marker_fold
+    expr = base * np.exp(logfold)
+    return expr / expr.sum(axis=1, keepdims=True)
+
+
+def _gen_rna_block(p: SynthParams, k: int) -> sp.csr_matrix:
+    n = min(GEN_BLOCK, p.n_cells - k * GEN_BLOCK)
+    labels, _ = _block_labels(p, _model(p), np.random.default_rng([p.seed, k]), n)  # the ATAC block's types
+    rng = np.random.default_rng([p.seed, k, 0x24A])
+    umis = rng.lognormal(np.log(p.umis), p.depth_sigma, n)
+    mean = umis[:, None] * _rna_model(p)[labels]
+    theta = p.rna_dispersion
+    counts = rng.poisson(rng.gamma(theta, mean / theta))
+    return sp.csr_matrix(counts.astype(np.uint32))
+
+
+def generate_rows(params: dict | SynthParams, start: int, stop: int) -> sp.csr_matrix | dict[str, sp.csr_matrix]:
+    """Counts of cells ``[start, stop)`` as CSR (with genes: ``{"rna": .., "atac": ..}``); the
+    same whatever range is asked for."""
     p = params if isinstance(params, SynthParams) else SynthParams(**params)
     k0, k1 = start // GEN_BLOCK, (stop - 1) // GEN_BLOCK
-    blocks = [_gen_block(p, k) for k in range(k0, k1 + 1)]
-    full = blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
     off = k0 * GEN_BLOCK
-    return full[start - off: stop - off]
+
+    def rows(gen):
+        blocks = [gen(p, k) for k in range(k0, k1 + 1)]
+        full = blocks[0] if len(blocks) == 1 else sp.vstack(blocks, format="csr")
+        return full[start - off: stop - off]
+
+    if not p.n_genes:
+        return rows(_gen_block)
+    return {"rna": rows(_gen_rna_block), "atac": rows(_gen_block)}
+
+
+def synth_genes(p: SynthParams) -> pd.DataFrame:
+    """The genes of a joint atlas (``gene0000``...), with ``gene_ids`` and ``feature_types``."""
+    names = [f"gene{g:0{len(str(max(p.n_genes - 1, 0)))}d}" for g in range(p.n_genes)]
+    return pd.DataFrame({"gene_ids": names, "feature_types": "Gene Expression"}, index=pd.Index(names))
 
 
 def synth_obs(p: SynthParams) -> pd.DataFrame:
@@ -210,7 +265,9 @@ def synthesize(out: str | Path, params: SynthParams | None = None, *, chunk_rows
     Writes
     ------
     A new store: ``X`` (counts), ``obs`` (``celltype``, ``lineage``, ``batch``), ``var``
-    (``chr``, ``start``, ``end``), ``uns/scatac_dist/synth`` (the parameters).
+    (``chr``, ``start``, ``end``), ``uns/scatac_dist/synth`` (the parameters). With
+    ``n_genes > 0`` a MuData store instead: ``mod/rna`` (gene counts) and ``mod/atac`` (the
+    peaks above), the same cells and ``obs`` in both.
     """
     from . import _config
 
@@ -220,8 +277,9 @@ def synthesize(out: str | Path, params: SynthParams | None = None, *, chunk_rows
     recipes = [(generate_rows, (pd_, s, min(s + chunk_rows, p.n_cells)))
                for s in range(0, p.n_cells, chunk_rows)]
     obs, var = synth_obs(p), synth_var(p)
-    plan = BlockPlan(source=Path("synthetic"), obs=obs, var={"X": var}, recipes=recipes)
-    return write_atlas(out, [plan], obs=obs, var={"X": var}, client=client, overwrite=overwrite,
+    var = {"rna": synth_genes(p), "atac": var} if p.n_genes else {"X": var}
+    plan = BlockPlan(source=Path("synthetic"), obs=obs, var=var, recipes=recipes)
+    return write_atlas(out, [plan], obs=obs, var=var, client=client, overwrite=overwrite,
                        provenance={"params": pd_, "chunk_rows": chunk_rows}, stage="synth",
                        progress=progress)
 

@@ -69,7 +69,8 @@ def info(store, as_json):
         click.echo(describe(store))
 
 
-SYNTH_KEYS = ("n_cells", "n_peaks", "n_clusters", "fragments", "signal", "n_batches", "batch_effect", "seed")
+SYNTH_KEYS = ("n_cells", "n_peaks", "n_clusters", "fragments", "signal", "n_batches", "batch_effect", "seed",
+              "n_genes")
 
 
 def synth_options(preset: str = "scatac_dist.datasets:SynthParams") -> Callable[[Callable], Callable]:
@@ -87,6 +88,8 @@ def synth_options(preset: str = "scatac_dist.datasets:SynthParams") -> Callable[
             option("--batches", "n_batches", type=int),
             option("--batch-effect", type=float),
             option("--seed", type=int),
+            option("--genes", "n_genes", type=int,
+                   help="Also generate gene counts for the same cells (a joint RNA + ATAC MuData store); 0: ATAC only."),
             click.option("--chunk-rows", type=int, help=CHUNK_ROWS_HELP),
         ]):
             f = opt(f)
