@@ -8,7 +8,7 @@ whether progress bars are drawn. Errors about input are printed as one line
 Layout: :mod:`.context` (the session, the one error handler, the progress policy),
 :mod:`.defaults` (option defaults read from the models), one module per command group:
 :mod:`.ingest` (ingest, info, synth), :mod:`.demo`, :mod:`.analysis` (run, plot, evaluate),
-:mod:`.sccase`, :mod:`.scale`, :mod:`.scembed` (train, encode, annotate), :mod:`.batch` (job-script),
+:mod:`.sccase`, :mod:`.scale`, :mod:`.scmvp`, :mod:`.scembed` (train, encode, annotate), :mod:`.batch` (job-script),
 :mod:`.deploy` (deploy k8s).
 """
 
@@ -20,7 +20,7 @@ import threading
 
 import click
 
-from . import analysis, batch, demo, deploy, ingest, scale, sccase, scembed
+from . import analysis, batch, demo, deploy, ingest, scale, sccase, scembed, scmvp
 from .context import Group, Session, show_progress
 
 __all__ = ["main"]
@@ -83,7 +83,7 @@ def main(ctx: click.Context, cluster_type, scheduler, workers, threads_per_worke
 
 
 for _cmd in (ingest.ingest, ingest.info, ingest.synth, demo.demo, analysis.run, analysis.plot,
-             analysis.evaluate, sccase.sccase, scale.scale, scembed.scembed, batch.job_script, deploy.deploy):
+             analysis.evaluate, sccase.sccase, scale.scale, scmvp.scmvp, scembed.scembed, batch.job_script, deploy.deploy):
     main.add_command(_cmd)
 del _cmd
 

@@ -5,5 +5,6 @@ A *module* computes (``inference``, ``generative``, ``loss``); a *model* in
 """
 
 from .scale import GMMPrior, MLPEncoder, SCALEModule
+from .scmvp import SCMVPModule
 
-__all__ = ["GMMPrior", "MLPEncoder", "SCALEModule"]
+__all__ = ["GMMPrior", "MLPEncoder", "SCALEModule", "SCMVPModule"]
