@@ -62,6 +62,9 @@ class SCMVP:
         Cells per step over all processes (128).
     max_epochs
         Epochs (30); every epoch is trained (no early stopping).
+    max_steps
+        Stop after this many optimisation steps even within an epoch (``None``: no cap; for
+        throughput measurements and smoke runs).
     lr
         Adam's learning rate (5e-3).
     weight_decay
@@ -104,6 +107,7 @@ class SCMVP:
     shared: int = 256
     batch_size: int = 128
     max_epochs: int = 30
+    max_steps: int | None = None
     lr: float = 5e-3
     weight_decay: float = 0.0
     clip_norm: float = 10.0
@@ -136,8 +140,8 @@ class SCMVP:
             ``resume`` finds another run's checkpoint (or, with ``True``, none).
         """
         path = store.path if isinstance(store, Atlas) else store
+        impute = self._impute()  # options first: a typo fails before any work
         atlas, rna = self._open(path)
-        impute = self._impute()
         env = DistEnv.from_environ()
         mode = runs.resume_mode(self.resume)
         if mode == "yes" and not self.checkpoint_dir:

@@ -64,7 +64,10 @@ def joint_rows(store, cells: np.ndarray, genes: np.ndarray, peaks: np.ndarray, c
 def train_config(model: SCMVP, steps_per_epoch: int, fingerprint: dict | None = None) -> TrainConfig:
     """The loop's options: Adam at ``model.lr``, ``max_epochs`` whole epochs (no early
     stopping: the paper trains a fixed number), clipping, checkpoints."""
-    return TrainConfig(batch_size=model.batch_size, max_iter=int(model.max_epochs) * int(steps_per_epoch),
+    max_iter = int(model.max_epochs) * int(steps_per_epoch)
+    if model.max_steps is not None:
+        max_iter = min(max_iter, int(model.max_steps))
+    return TrainConfig(batch_size=model.batch_size, max_iter=max_iter,
                        lr=float(model.lr), weight_decay=model.weight_decay, patience=int(model.max_epochs) + 1,
                        min_iter=0, clip_norm=model.clip_norm, seed=model.seed, device=model.device,
                        checkpoint_dir=model.checkpoint_dir, checkpoint_every=int(model.checkpoint_every or 0),
