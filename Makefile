@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow test-slurm test-container lint bench-install bench-ingest bench-scaling bench-quality bench-sccase-install clean
+.PHONY: install demo test test-slow test-slurm test-container lint bench-install bench-ingest bench-scaling bench-quality bench-sccase-install bench-multiome-install clean
 
 $(STAMP): pyproject.toml deploy/docker/requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -69,6 +69,23 @@ bench-sccase-install:
 		louvain==0.8.2 igraph==0.10.8 leidenalg==0.10.1 kneed==0.8.5 numba==0.59.1 llvmlite==0.42.0 \
 		h5py==3.11.0 zarr==2.18.2 numcodecs==0.12.1 psutil==5.9.8
 	$(SCCASE_VENV)/bin/python -c "import scCASE, inspect; print('scCASE.run', inspect.signature(scCASE.run))"
+
+# The multiome peers (benchmarks/multiome_peers_runner.py: scvi-tools MultiVI, muon WNN, MOFA+
+# via mofapy2) in a venv of their own. torch first and pinned: any looser range pulls several
+# GB of CUDA packages. pynndescent 0.5.13 and scipy 1.16: pynndescent 0.7 (and scipy 1.17)
+# hand scanpy 1.11.5's pp.neighbors csr_arrays, which it cannot read (no .getnnz).
+# Run the runner with $(MULTIOME_VENV)/bin/python.
+MULTIOME_VENV ?= benchmarks/work/multiome-venv
+bench-multiome-install:
+	test -x $(MULTIOME_VENV)/bin/python || python3.11 -m venv $(MULTIOME_VENV)
+	$(MULTIOME_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(MULTIOME_VENV)/bin/python -m pip install -q scvi-tools==1.4.2 muon==0.1.9 mofapy2==0.7.5 \
+		mudata==0.3.10 anndata==0.12.19 scanpy==1.11.5 numpy==2.4.6 scipy==1.16.3 pandas==2.3.3 \
+		scikit-learn==1.9.1 pynndescent==0.5.13 umap-learn==0.5.12 numba==0.68.1 llvmlite==0.50.0 \
+		leidenalg==0.12.0 igraph==1.0.0 h5py==3.16.0 lightning==2.6.6 pyro-ppl==1.9.2 zarr==3.1.6
+	$(MULTIOME_VENV)/bin/python -c "import importlib.metadata as m; \
+		print(' '.join(p + '=' + m.version(p) for p in ('torch', 'scvi-tools', 'muon', 'mofapy2', 'mudata', \
+		'anndata', 'scanpy', 'scipy', 'pynndescent', 'scikit-learn', 'leidenalg', 'igraph')))"
 
 clean:
 	rm -rf out benchmarks/work .pytest_cache
