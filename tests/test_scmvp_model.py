@@ -191,3 +191,12 @@ def test_cli_runs_and_refuses_an_atac_only_store(joint, tmp_path, client):
         SCMVP().fit(atac_only)
     r = CliRunner().invoke(main, ["--no-progress", "scmvp", str(atac_only), "--impute", "protein"])
     assert r.exit_code != 0 and "protein" in r.output
+
+
+def test_save_and_load_give_the_same_module(fitted, tmp_path):
+    m, store = fitted
+    m.save(tmp_path / "model")
+    back = SCMVP.load(tmp_path / "model")
+    assert back.rna_weight == m.rna_weight and back.module_.config() == m.module_.config()
+    for k, v in m.module_.state_dict().items():
+        torch.testing.assert_close(back.module_.state_dict()[k], v, rtol=0, atol=0, msg=k)
