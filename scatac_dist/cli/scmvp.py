@@ -23,6 +23,7 @@ scmvp_option = option_from("scatac_dist.models:SCMVP")
               help="Training processes on this machine (DDP). Under torchrun or srun the job's ranks are used.")
 @scmvp_option("--device", type=click.Choice(["cpu", "cuda"]))
 @scmvp_option("--max-epochs", type=int, help="Epochs (all of them are trained).")
+@scmvp_option("--max-steps", type=int, help="Stop after this many steps, even within an epoch (throughput runs).")
 @scmvp_option("--batch-size", type=int, help="Cells per step, over all processes.")
 @scmvp_option("--lr", type=float, help="Adam's learning rate.")
 @scmvp_option("--min-cells", type=int, help="Genes and peaks detected in fewer cells are left out.")
@@ -45,7 +46,7 @@ scmvp_option = option_from("scatac_dist.models:SCMVP")
 @click.option("--log", "log_path", type=click.Path(path_type=Path), help="Append training metrics (JSON lines) here.")
 @scmvp_option("--seed", type=int)
 @pass_session
-def scmvp(session: Session, store, n_clusters, nproc, device, max_epochs, batch_size, lr, min_cells, impute, impute_top,
+def scmvp(session: Session, store, n_clusters, nproc, device, max_epochs, max_steps, batch_size, lr, min_cells, impute, impute_top,
           cycle, checkpoint_dir, checkpoint_every, resume, model_out, log_path, seed):
     """scMVP (joint RNA + ATAC multi-view VAE) on a multiome store. Writes obsm['X_scmvp'] (root and
     both modalities), obs['scmvp_gmm'], obs['scmvp_kmeans'] (with --n-clusters) and, with --impute,
@@ -67,7 +68,7 @@ def scmvp(session: Session, store, n_clusters, nproc, device, max_epochs, batch_
         session.client()
     extra = {"resume": "auto" if resume == "auto" else True} if resume != "no" else {}
     with bars_on_stderr():
-        m = SCMVP(n_clusters=n_clusters, nproc=nproc, device=device, max_epochs=max_epochs, batch_size=batch_size,
+        m = SCMVP(n_clusters=n_clusters, nproc=nproc, device=device, max_epochs=max_epochs, max_steps=max_steps, batch_size=batch_size,
                   lr=lr, min_cells=min_cells, impute=tuple(x for x in impute.split(",") if x), impute_top=impute_top, cycle=cycle,
                   checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, checkpoint_every=checkpoint_every,
                   seed=seed, progress=session.progress, log_path=str(log_path) if log_path else None,
