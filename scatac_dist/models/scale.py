@@ -29,20 +29,19 @@ measurements behind each choice: ``docs/methods/scale.md``. The parts: filters i
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from ..errors import InputError
 from ..store import Atlas, open_atlas
 from ..train import DistEnv
 from . import _scale_preprocess as preprocess
 from . import scale_training as training
+from ._saved import load_trained, save_trained
 from ._scale_outputs import binarize_imputed, encode_csr, feature_peaks, js_specificity, write_outputs
 
 logger = logging.getLogger("scatac_dist")
@@ -291,20 +290,12 @@ class SCALE:
     def save(self, folder: str | Path) -> Path:
         """Write the trained module and its configuration to ``folder/model.pt`` (and the
         parameters to ``folder/config.json``); returns the path of ``model.pt``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {"module": self.module_.state_dict(), "module_config": self.module_.config(),
-                 "params": asdict(self)}
-        tmp = folder / ".model.pt.tmp"
-        torch.save(state, tmp)
-        tmp.replace(folder / "model.pt")
-        (folder / "config.json").write_text(json.dumps(state["params"], indent=1, default=str))
-        return folder / "model.pt"
+        return save_trained(folder, self.module_, asdict(self))
 
     @classmethod
     def load(cls, folder: str | Path) -> SCALE:
         """A model saved by :meth:`save`, with its trained ``module_``."""
-        state = torch.load(Path(folder) / "model.pt", map_location="cpu", weights_only=False)
+        state = load_trained(folder)
         self = cls(**state["params"])
         self.module_ = training.module_from(state["module_config"], state["module"])
         return self
