@@ -192,8 +192,7 @@ def test_the_loss_is_the_sum_of_its_terms_and_the_cycle_kl_is_computed_as_stated
     assert float(no_cycle.loss_terms(no_cycle.split(b["x"].double()), noise=noise.float())["cycle"].abs().sum()) == 0
 
 
-@pytest.mark.parametrize("bad", ["heads"])
-def test_bad_shapes_are_refused(bad):
+def test_a_width_that_heads_do_not_divide_is_refused():
     with pytest.raises(ValueError, match="multiple of heads"):
         SelfAttention(10, 4)
 
