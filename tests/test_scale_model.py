@@ -82,7 +82,7 @@ def test_simulated_data_clusters_and_imputes(sim, tmp_path, client, depth_offset
     assert used.sum() >= 290
     assert ari(labels[used], a.obs["scale_kmeans"][used]) > 0.9   # three clean clusters found
     Z = a.read("obsm/X_scale")
-    assert Z.shape == (300, 10) and np.isfinite(Z[used]).all() and np.isnan(Z[~used]).all()
+    assert Z.shape == (300, 10) and np.isfinite(Z).all()         # every cell embedded, used or not
     # imputation: dropped entries against entries that were and stay zero
     imp = a.read("layers/scale_impute")
     neg = (clean == 0) & (X == 0)
@@ -192,6 +192,52 @@ def test_fit_resumed_in_stages_equals_one_run(sim, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert np.array_equal(a[name].numpy(), b[name].numpy()), name
+
+
+def test_binarised_input_adapts_the_filter_and_every_cell_is_embedded(tmp_path, client):
+    """Public matrices often hold 0/1 values: the default peak rule (>= 2 reads in >= 5 cells)
+    would keep no peak. SCALE detects the binary input and counts open cells instead; the
+    cells its cell filter drops are still encoded (no NaN), from their reads in the used peaks."""
+    X, _, _, labels = simulate(seed=1)
+    Xb = (X > 0).astype(np.float32)
+    Xb[:6] = 0
+    Xb[:6, 500] = 1                      # 6 near-empty cells: below kept peaks / 50, dropped from training
+    var = pd.DataFrame(index=[f"chr1_{1000 * i}_{1000 * i + 500}" for i in range(Xb.shape[1])])
+    ad.AnnData(sp.csr_matrix(Xb), var=var, obs=pd.DataFrame(index=[f"c{i}" for i in range(len(Xb))])
+               ).write_h5ad(tmp_path / "bin.h5ad")
+    store = tmp_path / "bin.zarr"
+    ingest(tmp_path / "bin.h5ad", store, chunk_rows=64, client=client, progress=False)
+    # counts keep the paper's rule; 0/1 values get "open in >= min_cells cells"
+    cells, peaks = SCALE(progress=False).masks(open_atlas(store))
+    want_cells, want_peaks = used_by_scale(Xb, min_cells=5, min_reads=1)
+    np.testing.assert_array_equal(peaks, want_peaks)
+    np.testing.assert_array_equal(cells, want_cells)
+    assert not cells[:6].any() and cells[6:].all()
+
+    m = SCALE(n_clusters=3, quick=True, max_iter=300, min_iter=0, progress=False, seed=0).fit(store)
+    a = open_atlas(store)
+    rec = a.provenance()["scale"]["result"]
+    assert rec["binary_input"] is True and rec["min_reads_used"] == 1
+    used = a.obs["scale_used"].to_numpy(bool)
+    np.testing.assert_array_equal(used, want_cells)
+    Z = a.read("obsm/X_scale")
+    assert np.isfinite(Z).all()
+    # a dropped cell's embedding is the trained encoder on its row over the used peaks
+    rows = sp.csr_matrix(Xb[~used][:, want_peaks])
+    ref, _ = m.encode_csr(m.module_, rows)
+    np.testing.assert_allclose(Z[~used], ref, rtol=1e-5, atol=1e-5)
+    assert not a.obs["scale_gmm"].isna().any() and not a.obs["scale_kmeans"].isna().any()
+    assert ari(labels[used], a.obs["scale_kmeans"][used]) > 0.9
+
+
+def test_counts_keep_the_read_rule(sim):
+    """On counts (values of 2 present) the peak rule stays >= min_reads reads in >= min_cells cells."""
+    X = sim[1]
+    cells, peaks = SCALE(min_cells=25, min_reads=2, progress=False).masks(open_atlas(sim[0]))
+    want_cells, want_peaks = used_by_scale(X, min_cells=25, min_reads=2)
+    assert want_peaks.sum() < (((X > 0).sum(0) >= 25)).sum()       # the two rules differ on this data
+    np.testing.assert_array_equal(peaks, want_peaks)
+    np.testing.assert_array_equal(cells, want_cells)
 
 
 def test_bad_input_is_refused(sim, tmp_path):

@@ -33,7 +33,7 @@ scale_option = option_from("scatac_dist.models:SCALE")
 @scale_option("--patience", type=int, help="Early stopping: epochs without improvement.")
 @scale_option("--min-iter", type=int, help="No early stopping before this many steps.")
 @scale_option("--min-cells", type=int, help="Peak filter: cells with --min-reads reads.")
-@scale_option("--min-reads", type=int)
+@scale_option("--min-reads", type=int, help="Peak filter: reads per cell (binarised 0/1 input: 1).")
 @click.option("--depth-norm", is_flag=True,
               help="Scale each cell's encoder input to the median open peaks per cell (the likelihood stays binary).")
 @scale_option("--depth-offset/--no-depth-offset",

@@ -106,25 +106,27 @@ def write_outputs(atlas: Atlas, module: SCALEModule, rows: StoreRows, cells: np.
 def _write_outputs(atlas, module, rows, cells, peaks, *, n_clusters, n_specific, impute, encode_batch,
                    task_bytes) -> None:
     n, D = atlas.n_obs, module.n_latent
-    mu = np.full((n, D), np.nan, np.float32)
+    mu = np.zeros((n, D), np.float32)
     gmm = np.full(n, -1, np.int64)
     peak_hits = np.zeros(rows.n_peaks)
     cell_open = np.zeros(n)
-    for _, m, idx in rows.iter_chunks():
+    used = cells
+    # every cell of the store, the ones the filters left out of training included: the
+    # encoder embeds a cell from its reads in the used peaks, as it would a new one
+    every = StoreRows(atlas.path, mod=atlas.mod, peaks=np.flatnonzero(peaks), chunk_rows=rows.chunk_rows)
+    for _, m, idx in every.iter_chunks():
         z, log_joint = encode_csr(module, m, batch=encode_batch)
         mu[idx], gmm[idx] = z, log_joint.argmax(1)
-        peak_hits += np.asarray(m.sum(0)).ravel()
+        peak_hits += np.asarray(m[used[idx]].sum(0)).ravel()
         cell_open[idx] = np.diff(m.indptr)
-    used = cells
-    obs = {"scale_used": used, "scale_gmm": pd.Categorical(np.where(used, gmm.astype(str), None))}
+    obs = {"scale_used": used, "scale_gmm": pd.Categorical(gmm.astype(str))}
     labels = gmm
     if n_clusters is not None:
         from sklearn.cluster import KMeans
 
         km = KMeans(n_clusters=n_clusters, n_init=20, random_state=18).fit(mu[used])
-        lab = np.full(n, -1, np.int64)
-        lab[used] = km.labels_
-        obs["scale_kmeans"] = pd.Categorical(np.where(used, lab.astype(str), None))
+        lab = km.predict(mu).astype(np.int64)
+        obs["scale_kmeans"] = pd.Categorical(lab.astype(str))
         labels = lab
     atlas.write_obsm("X_scale", mu)
     atlas.write_obs(obs)

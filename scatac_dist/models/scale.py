@@ -4,11 +4,13 @@ DistributedDataParallel on cells streamed from the store.
 Reads ``X`` (binarised on the fly), ``obs['pass_qc']`` / ``var['pass_qc']`` if present.
 Writes:
 
-* ``obs['scale_used']``, ``var['scale_used']``: cells and peaks that passed SCALE's filters;
-* ``obsm['X_scale']``: latent means (NaN for cells not used);
+* ``obs['scale_used']``, ``var['scale_used']``: cells and peaks that passed SCALE's filters
+  (the cells it trained on);
+* ``obsm['X_scale']``: latent means of every cell: a cell the filters left out of training
+  (``scale_used`` False) is encoded from its reads in the used peaks, like a new cell;
 * ``obs['scale_gmm']``: the most probable mixture component, ``argmax_c p(z, c)`` at the
-  latent mean; ``obs['scale_kmeans']``: k-means (seed 18, as in the paper) on ``X_scale``
-  when ``n_clusters`` is given;
+  latent mean, for every cell; ``obs['scale_kmeans']``: k-means (seed 18, as in the paper)
+  fitted on the used cells' ``X_scale`` and assigned to every cell, when ``n_clusters`` is given;
 * ``varm['scale_decoder']``: decoder weights (peaks x latent); ``varm['scale_feature_peaks']``:
   peaks whose weight lies more than 2.5 SD from that feature's mean;
 * ``var['scale_specificity']``, ``var['scale_specific_cluster']``, ``var['scale_specific']``:
@@ -214,8 +216,11 @@ class SCALE:
             raise ValueError("resume=True (--resume) needs checkpoint_dir (--checkpoint-dir); "
                              "resume='auto' (--resume auto) also works without one")
         t, t0 = {}, time.perf_counter()
-        cells, peaks, median_open = self._prepare(atlas)
+        cells, peaks, median_open, kind = self._prepare(atlas)
         t["preprocess"] = time.perf_counter() - t0
+        if kind["binary_input"]:
+            logger.info("SCALE: the input holds 0/1 values only (binarised); peaks need >= %d open cells "
+                        "instead of >= %d reads in them", self.min_cells, self.min_reads)
         k = self.n_clusters
         n_used = int(np.count_nonzero(cells))
         if k is not None and not 1 <= k <= n_used:
@@ -265,13 +270,13 @@ class SCALE:
             params = {k_: v for k_, v in asdict(self).items() if k_ != "progress"}
             summ = {k_: v for k_, v in self.summary_.items() if k_ != "history"}
             atlas.record("scale", params, t, result={"n_clusters": int(k), "n_cells": rows.n_cells,
-                                                     "n_peaks": rows.n_peaks, **summ,
+                                                     "n_peaks": rows.n_peaks, **kind, **summ,
                                                      "epoch_loss": self.summary_["history"][-50:]})
         if restart:
             atlas.clear_resume("scale")  # published: nothing left to resume
         return self
 
-    def _prepare(self, atlas: Atlas) -> tuple[np.ndarray, np.ndarray, float | None]:
+    def _prepare(self, atlas: Atlas) -> tuple[np.ndarray, np.ndarray, float | None, dict]:
         return preprocess.prepare(atlas, preprocess=self.preprocess, min_reads=self.min_reads,
                                   min_cells=self.min_cells, median_open=self.depth_norm or self.depth_offset)
 
