@@ -235,7 +235,7 @@ def test_counts_keep_the_read_rule(sim):
     X = sim[1]
     cells, peaks = SCALE(min_cells=25, min_reads=2, progress=False).masks(open_atlas(sim[0]))
     want_cells, want_peaks = used_by_scale(X, min_cells=25, min_reads=2)
-    assert want_peaks.sum() < (((X > 0).sum(0) >= 25)).sum()       # the two rules differ on this data
+    assert want_peaks.sum() < ((X > 0).sum(0) >= 25).sum()         # the two rules differ on this data
     np.testing.assert_array_equal(peaks, want_peaks)
     np.testing.assert_array_equal(cells, want_cells)
 
