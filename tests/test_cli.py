@@ -379,7 +379,8 @@ def test_parsed_defaults_are_the_models():
     assert parsed(("scale",), "--quick")["quick"] is True
     assert parsed(("scale",), "--no-depth-offset")["depth_offset"] is False
     p = parsed(("sccase",))
-    for name in ("mode", "k_neighbors", "support", "n_factors", "alpha", "max_iter", "enhanced_top", "seed"):
+    for name in ("mode", "k_neighbors", "support", "n_factors", "k_estimator", "alpha", "max_iter", "enhanced_top",
+                 "seed"):
         assert p[name] == getattr(SCCASE(), name), name
     p = parsed(("scembed", "train"))
     for name in ("epochs", "dim", "window", "workers", "min_count", "alpha", "corpus", "seed", "labels_key"):

@@ -157,6 +157,36 @@ def test_pattern_and_kernels_match_dense_numpy(store, client, tmp_path):
     assert not any(p.name.startswith(f".{store.name}.sccase") for p in store.parent.iterdir())
 
 
+def test_h_rows_rescales_h_every_iteration_in_both_modes(store, client, tmp_path):
+    """``h_rows`` (the authors' code): each iteration starts from H with rows summing to 1.
+    One iteration from (W0, H0) equals a plain iteration from (W0, H0 rescaled); atlas mode on
+    the full support takes the same steps as exact mode; and the fit differs from the paper's."""
+    from scatac_dist.ops.sccase import iterate, row_sums_to_one
+
+    counts = open_atlas(store).X.compute()
+    X, peaks, _ = numpy_tfidf(counts, np.ones(counts.shape[0], bool))
+    n = X.shape[1]
+    B = (counts.toarray()[:, peaks] > 0).astype(float)
+    inter = B @ B.T
+    Z0 = inter / (B.sum(1)[:, None] + B.sum(1)[None, :] - inter)
+    np.fill_diagonal(Z0, 1.0)
+    Z0 /= Z0.sum(0, keepdims=True)
+    W0, H0 = nmf_start(X, 4, 3)
+    R = full_mask(n, 3)
+    a = iterate(X, Z0, R, W0, H0, max_iter=1, tol=0, h_rows=True)
+    b = iterate(X, Z0, R, W0, row_sums_to_one(H0), max_iter=1, tol=0)
+    np.testing.assert_allclose(row_sums_to_one(H0).sum(1), 1.0)
+    for got, want in ((a.Z, b.Z), (a.W, b.W), (a.H, b.H)):
+        np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-15)
+    kw = dict(n_factors=4, max_iter=4, tol=0, seed=3, h_rows=True)
+    ex = SCCASE(mode="exact", **kw).fit(_copy(store, tmp_path, "e.zarr"))
+    at = SCCASE(mode="atlas", k_neighbors=n - 1, **kw).fit(_copy(store, tmp_path, "a.zarr"))
+    np.testing.assert_allclose(at.result_["losses"], ex.result_["losses"], rtol=1e-7)
+    np.testing.assert_allclose(at.H_, ex.H_, rtol=1e-6, atol=1e-9 * np.abs(ex.H_).max())
+    plain = SCCASE(mode="exact", **(kw | {"h_rows": False})).fit(_copy(store, tmp_path, "p.zarr"))
+    assert not np.allclose(plain.H_, ex.H_)
+
+
 def test_bernoulli_mask_is_a_function_of_the_entry():
     i, j = np.meshgrid(np.arange(300), np.arange(300), indexing="ij")
     R = bernoulli_mask(i, j, 300, 0.95, 7)

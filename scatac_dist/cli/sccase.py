@@ -26,7 +26,9 @@ SUMMARY_KEYS = ("mode", "n_cells", "n_peaks", "n_factors", "n_ref_factors", "n_i
 @sccase_option("--support", type=click.Choice(["knn", "jaccard"]),
                help="Atlas mode: nearest cells in the NMF embedding re-ranked by Jaccard, or the exact "
                     "top-k Jaccard (O(n^2)).")
-@sccase_option("--n-factors", type=int, help="K (default: Tracy-Widom estimate).")
+@sccase_option("--n-factors", type=int, help="K (default: estimated, see --k-estimator).")
+@sccase_option("--k-estimator", type=click.Choice(["aster", "tracy-widom"]),
+               help="How K is estimated: ASTER's number of cell types + 1 (the paper) or Tracy-Widom.")
 @sccase_option("--reference", type=click.Path(path_type=Path),
                help="scCASER: a bulk matrix (CSV/TSV, peaks x samples) or, with --reference-labels, a labelled "
                     "single-cell .h5ad/.zarr to pseudo-bulk.")
@@ -38,7 +40,7 @@ SUMMARY_KEYS = ("mode", "n_cells", "n_peaks", "n_factors", "n_ref_factors", "n_i
 @sccase_option("--seed", type=int)
 @click.option("--mod", help="Modality of a MuData store (default atac).")
 @pass_session
-def sccase(session: Session, store, mode, k_neighbors, support, n_factors, reference, reference_labels,
+def sccase(session: Session, store, mode, k_neighbors, support, n_factors, k_estimator, reference, reference_labels,
            self_reference, alpha, max_iter, enhanced_top, seed, mod):
     """scCASE / scCASER enhancement. Writes obsm['X_sccase'] (H^T), varm['sccase_W'],
     layers['sccase'] (X Z) and obsm['X_sccase_pca'] (TF-IDF of X Z, 50 PCs)."""
@@ -50,7 +52,7 @@ def sccase(session: Session, store, mode, k_neighbors, support, n_factors, refer
     session.client()
     switches = {"self_reference": True} if self_reference else {}
     with bars_on_stderr():
-        m = SCCASE(n_factors=n_factors, mode=mode, k_neighbors=k_neighbors, support=support, reference=reference,
+        m = SCCASE(n_factors=n_factors, k_estimator=k_estimator, mode=mode, k_neighbors=k_neighbors, support=support, reference=reference,
                    reference_labels=reference_labels, alpha=alpha, max_iter=max_iter, enhanced_top=enhanced_top,
                    seed=seed, **switches).fit(atlas)
     r = m.result_

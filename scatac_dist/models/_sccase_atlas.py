@@ -43,7 +43,7 @@ import numpy as np
 import scipy.sparse as sp
 from dask import delayed
 
-from ..ops.sccase import SCCASEState, simplex_columns
+from ..ops.sccase import SCCASEState, row_sums_to_one, simplex_columns
 from ..ops.sccase_support import support_quad
 from . import sccase_pattern as data
 
@@ -153,7 +153,7 @@ class SupportProblem:
 
 def iterate_support(prob: SupportProblem, Z, W, H, *, max_iter: int = 100, tol: float = 1e-6,
                     h_step: float = 0.2, h_shrink: float = 0.2, max_backtracks: int = 10,
-                    max_halvings: int = 10, z_simplex: bool = False, callback=None,
+                    max_halvings: int = 10, z_simplex: bool = False, h_rows: bool = False, callback=None,
                     start: dict | None = None) -> SCCASEState:
     """The updates of :func:`scatac_dist.ops.sccase.iterate` on the support: ``Z`` is
     n x (k+1) (``Z[j, a]`` = entry ``(nbr[j, a], j)``), ``W`` m x K, ``H`` K x n. With
@@ -163,7 +163,9 @@ def iterate_support(prob: SupportProblem, Z, W, H, *, max_iter: int = 100, tol: 
     ``state.timings`` set), e.g. to save the iterate. ``start`` resumes a run: ``Z``, ``W``,
     ``H`` are then the iterate after iteration ``start['it']``, and ``start`` holds its
     ``losses`` (empty for iteration 0: the initial loss is computed), ``timings`` and
-    ``converged``; the iterations go on from ``it + 1`` exactly as an uninterrupted run's."""
+    ``converged``; the iterations go on from ``it + 1`` exactly as an uninterrupted run's.
+    ``h_rows``: each row of ``H`` scaled to sum 1 at the start of every iteration (the authors'
+    code; :func:`scatac_dist.ops.sccase.row_sums_to_one`)."""
     nbr, R, lam, g1, g2 = prob.nbr, prob.R, prob.lam, prob.g1, prob.g2
     P, alpha, k1 = prob.P, prob.alpha, prob.k1
     Z, W, H = (np.array(a, np.float64) for a in (Z, W, H))
@@ -186,6 +188,11 @@ def iterate_support(prob: SupportProblem, Z, W, H, *, max_iter: int = 100, tol: 
         if st.converged:
             break
         t0 = time.perf_counter()
+        if h_rows:
+            H = row_sums_to_one(H)
+            Ht = np.ascontiguousarray(H.T)
+            SH, SAW, HHt = sample(Ht, Ht, nbr), sample(AW, Ht, nbr), H @ H.T
+            f = prob.loss(q.sum(), float(np.sum(Z * R * SAW)), Z, W, H, SH, HHt)
         f_prev = f
         # --- Z: exact line search along the gradient sampled on the support, projected
         D = 2 * R * (g - SAW) + 2 * lam * (Z - SH)

@@ -68,8 +68,16 @@ class SCCASE:
     Parameters
     ----------
     n_factors
-        K; ``None`` estimates it (Tracy-Widom on up to 5,000 cells of the binarised
-        matrix), clipped to ``k_range``.
+        K; ``None`` estimates it on up to 5,000 cells of the binarised, peak-filtered
+        matrix with ``k_estimator``, clipped to ``k_range``.
+    k_estimator
+        ``'aster'`` (the default, as the paper: ASTER's estimate of the number of cell types
+        over 3-14, :func:`scatac_dist.tl.aster.estimate_types`, plus one as the authors'
+        package adds) or ``'tracy-widom'`` (the random-matrix estimate SCALE uses; this
+        package's default before the validation panel, ``docs/methods/sccase.md``).
+    h_rows
+        Scale each row of ``H`` to sum 1 at the start of every iteration, as the authors' code
+        does (not in the paper, off; measured in ``docs/methods/sccase.md``).
     k_range
         Bounds of the estimated K (3-20: the paper finds K < 7 over-smooths and K > 20 adds
         noise).
@@ -141,6 +149,8 @@ class SCCASE:
     """
 
     n_factors: int | None = None
+    k_estimator: str = "aster"
+    h_rows: bool = False
     k_range: tuple = (3, 20)
     mode: str = "auto"
     k_neighbors: int = 30
@@ -246,6 +256,7 @@ class SCCASE:
             data.release_pages()
             t1 = time.perf_counter()
             self.result_ = dict(mode=mode, n_cells=n, n_peaks=pat.m, n_factors=K, n_ref_factors=k1,
+                                k_estimates=getattr(self, "k_estimates_", None) if not self.n_factors else None,
                                 losses=[float(x) for x in st.losses], n_iter=len(st.losses) - 1,
                                 converged=bool(st.converged),
                                 seconds_per_iteration=getattr(st, "timings", None), reference=ref_info,
@@ -284,6 +295,8 @@ class SCCASE:
             raise ValueError(f"unknown support {self.support!r}; use 'knn' or 'jaccard'")
         if not 0 < self.keep_prob <= 1:
             raise ValueError(f"keep_prob={self.keep_prob} must be in (0, 1]")
+        if self.k_estimator not in ("aster", "tracy-widom"):
+            raise ValueError(f"unknown k_estimator {self.k_estimator!r}; use 'aster' or 'tracy-widom'")
         if self.n_factors is not None and int(self.n_factors) < 1:
             raise ValueError(f"n_factors={self.n_factors} must be at least 1")
         n_ref = (self.reference is not None) + bool(self.self_reference)
@@ -294,17 +307,29 @@ class SCCASE:
                              "pass that dataset as reference=PATH too")
 
     def _estimate_k(self, pat: data.Pattern) -> int:
-        """The Tracy-Widom estimate on up to 5,000 cells of the binarised matrix, clipped to ``k_range``."""
+        """``k_estimator`` on up to 5,000 cells of the binarised matrix, clipped to ``k_range``;
+        the estimators' answers go to ``self.k_estimates_``."""
+        from ..tl.aster import estimate_types
         from ..tl.estimate_k import estimate_k
 
         rng = np.random.default_rng(self.seed)
         rows = np.sort(rng.choice(pat.n, min(pat.n, 5000), replace=False))
-        raw = int(estimate_k(pattern_rows(pat, rows, binary=True), seed=self.seed, max_cells=None))
+        B = pattern_rows(pat, rows, binary=True)
+        est = None
+        if self.k_estimator == "aster":
+            est = estimate_types(B, seed=self.seed)
+            if est["k"] is None:
+                logger.warning("sccase: no ASTER estimator gave a number of types; using Tracy-Widom")
+        if est is not None and est["k"] is not None:
+            raw, how = int(est["k"]) + 1, "ASTER estimate + 1"
+        else:
+            raw, how = int(estimate_k(B, seed=self.seed, max_cells=None)), "Tracy-Widom estimate"
+        self.k_estimates_ = {"method": how, **(est or {}), "raw": raw}
         lo, hi = self.k_range
         k = int(min(max(raw, lo), hi))
         if k != raw:
-            logger.warning("sccase: Tracy-Widom estimate K=%d clipped to %d (k_range=%s)", raw, k, self.k_range)
-        logger.info("sccase: K = %d (Tracy-Widom estimate)", k)
+            logger.warning("sccase: %s K=%d clipped to %d (k_range=%s)", how, raw, k, self.k_range)
+        logger.info("sccase: K = %d (%s)", k, how)
         return k
 
     def _run_exact(self, pat, W, H, P):
@@ -321,7 +346,7 @@ class SCCASE:
         ii, jj = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
         R = bernoulli_mask(ii, jj, n, self.keep_prob, self.seed)
         st = ops.iterate(X, Z0, R, W, H, lam=self.lam, g1=self.gamma1, g2=self.gamma2, max_iter=self.max_iter,
-                         tol=self.tol, P=P, alpha=self.alpha, z_simplex=self.z_simplex)
+                         tol=self.tol, P=P, alpha=self.alpha, z_simplex=self.z_simplex, h_rows=self.h_rows)
         nbr = np.broadcast_to(np.arange(n), (n, n))
         return st, nbr, st.Z.T                              # Zv[j, i] = Z[i, j]
 
@@ -345,7 +370,7 @@ class SCCASE:
                                   timings=st.timings, converged=st.converged)
 
         return atlas_mode.iterate_support(prob, Zv, W, H, max_iter=self.max_iter, tol=self.tol,
-                                          z_simplex=self.z_simplex, start=start,
+                                          z_simplex=self.z_simplex, h_rows=self.h_rows, start=start,
                                           callback=keep if folder is not None else None)
 
     # -- restart state ------------------------------------------------------------------------

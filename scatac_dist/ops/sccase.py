@@ -129,16 +129,23 @@ def _projected(F, A, D, delta, max_halvings, project=_nonneg):
     return A, f0
 
 
+def row_sums_to_one(H: np.ndarray) -> np.ndarray:
+    """``H`` with each row divided by its sum (a zero row stays zero), as the authors' code
+    rescales the factors' cell loadings every iteration."""
+    return H / (H.sum(1, keepdims=True) + np.finfo(np.float64).eps)
+
+
 def iterate(X, Z, R, W, H, *, lam: float = 1e6, g1: float = 1.0, g2: float = 1.0, max_iter: int = 100,
             tol: float = 1e-6, h_step: float = 0.2, h_shrink: float = 0.2, max_backtracks: int = 10,
             max_halvings: int = 10, P=None, alpha: float = 0.0, z_simplex: bool = False,
-            callback=None) -> SCCASEState:
+            h_rows: bool = False, callback=None) -> SCCASEState:
     """Minimise Eq. (2) from ``(W, H, Z)``: each iteration updates ``Z``, then ``W``, then
     ``H`` (the order of the authors' code). Stops when ``|F_prev - F| / F_prev < tol`` or
     after ``max_iter`` iterations. ``callback(it, state)`` runs after every iteration.
     ``P``/``alpha``: scCASER's reference term (``W``'s first ``P.shape[1]`` columns are W1).
     ``z_simplex``: project Z's columns onto the simplex (sum 1, as the paper defines ``Z``)
-    rather than onto ``>= 0`` (the printed update)."""
+    rather than onto ``>= 0`` (the printed update). ``h_rows``: scale each row of ``H`` to sum
+    1 at the start of every iteration, as the authors' code does (not in the paper)."""
     # X may stay sparse (every product with it is X @ dense or X.T @ dense)
     X = X.astype(np.float64) if sp.issparse(X) else np.asarray(X, dtype=np.float64)
     Z, R, W, H = (np.asarray(a, dtype=np.float64) for a in (Z, R, W, H))
@@ -152,6 +159,9 @@ def iterate(X, Z, R, W, H, *, lam: float = 1e6, g1: float = 1.0, g2: float = 1.0
     f = loss(X, st.Z, R, st.W, st.H, lam, g1, g2, **ref)
     st.losses.append(f)
     for it in range(1, max_iter + 1):
+        if h_rows:
+            st.H = row_sums_to_one(st.H)
+            f = loss(X, st.Z, R, st.W, st.H, lam, g1, g2, **ref)
         f_prev = f
         # each matrix's gradient at the iterate the previous update left
         dZ = grad_z(X, st.Z, R, st.W, st.H, lam)
