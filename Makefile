@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-slow test-slurm test-container lint bench-install bench-ingest bench-scaling bench-quality bench-sccase-install bench-multiome-install clean
+.PHONY: install demo test test-slow test-slurm test-container lint bench-install bench-ingest bench-scaling bench-quality bench-sccase-install bench-multiome-install bench-geniml-install clean
 
 $(STAMP): pyproject.toml deploy/docker/requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -86,6 +86,25 @@ bench-multiome-install:
 	$(MULTIOME_VENV)/bin/python -c "import importlib.metadata as m; \
 		print(' '.join(p + '=' + m.version(p) for p in ('torch', 'scvi-tools', 'muon', 'mofapy2', 'mudata', \
 		'anndata', 'scanpy', 'scipy', 'pynndescent', 'scikit-learn', 'leidenalg', 'igraph')))"
+
+# The scEmbed authors' geniml package (peer for benchmarks/geniml_runner.py) in a venv of its
+# own. torch first and pinned: any looser range pulls several GB of CUDA packages.
+# sentence-transformers pinned (langchain-huggingface, from geniml[ml], otherwise makes pip
+# backtrack through its releases). geniml 0.8.4's tokenize_anndata and ScEmbed.encode do not
+# run with this gtars (nor with any release tried, 0.4.0 to 0.10.0); the runner does their
+# work itself (see its docstring).
+# Run the runner with $(GENIML_VENV)/bin/python.
+GENIML_VENV ?= benchmarks/work/geniml-venv
+bench-geniml-install:
+	test -x $(GENIML_VENV)/bin/python || python3.11 -m venv $(GENIML_VENV)
+	$(GENIML_VENV)/bin/python -m pip install -q torch==2.13.0
+	$(GENIML_VENV)/bin/python -m pip install -q "geniml[ml]==0.8.4" gtars==0.10.0 gensim==4.4.0 \
+		numpy==2.4.6 scipy==1.17.1 pandas==2.3.3 anndata==0.12.19 scanpy==1.11.5 scikit-learn==1.9.1 \
+		pyarrow==26.0.1 h5py==3.16.0 zarr==2.18.7 transformers==4.57.6 sentence-transformers==5.1.2 \
+		huggingface_hub==0.36.2
+	$(GENIML_VENV)/bin/python -c "from geniml.scembed.main import ScEmbed; import importlib.metadata as m; \
+		print(' '.join(p + '=' + m.version(p) for p in ('geniml', 'gtars', 'gensim', 'torch', 'numpy', \
+		'scipy', 'anndata', 'pyarrow')))"
 
 clean:
 	rm -rf out benchmarks/work .pytest_cache

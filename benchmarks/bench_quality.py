@@ -13,6 +13,21 @@ protocol is also repeated with seeds 0-4 and the mean and standard deviation rep
 Writes ``benchmarks/results/quality.json``, ``quality.md``, ``quality.png`` and the ``quality``
 block of ``RESULTS.md``; ``--report-only`` redraws the last three from the JSON.
 Needs the ``bench`` extra (``pip install -e .[bench]``).
+
+**The validation panel** (``--panel``): the sets of :mod:`harness.panel` (shared sets as
+counts and binarised, SNARE subsamples by cell type, generated atlases of three
+difficulties), every method with its defaults and every peer that runs here, scored with
+the same protocol (mean of seeds 0-4), with each method's rank per set and its mean rank.
+Methods: our pipeline's ``X_spectral``, scCASE's ``X_sccase_pca``, scEmbed's ``X_scembed``
+and, with ``--methods ... scale``, SCALE's ``X_scale`` (about 5-15 minutes per set on CPU).
+Peers: SnapATAC2 2.9 (``snapatac2_runner.py``) and the authors' scCASE 0.2.5
+(``sccase_runner.py`` in ``make bench-sccase-install``'s virtualenv, its enhanced matrix put
+through the ``X_sccase_pca`` recipe, time-out ``SCCASE_PEER_TIMEOUT``, 900 s) and geniml 0.8.4's
+scEmbed (``geniml_runner.py`` in ``make bench-geniml-install``'s virtualenv, 100 epochs as its
+tutorial trains).
+``--sccase-variant NAME:key=value,...`` adds scCASE configurations scored beside the
+default (how its default was chosen). Writes ``results/panel.json``, ``panel.md``,
+``panel.png`` and the ``panel`` block of RESULTS.md; ``--panel --report-only`` redraws them.
 """
 
 from __future__ import annotations
@@ -35,6 +50,9 @@ from harness.timing import Timer
 
 WORK = BENCH_WORK / "quality"
 RESULTS_FILE = ResultsFile(RESULTS / "quality.json")
+PANEL_FILE = ResultsFile(RESULTS / "panel.json")
+#: what ``--panel`` runs by default: ours, then the peers
+PANEL_METHODS = ("spectral", "sccase", "scembed", "snapatac2", "sccase_authors", "scembed_authors")
 
 
 def protocol(E: np.ndarray, y: np.ndarray, seed: int = 0) -> dict:
@@ -69,7 +87,25 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--report-only", action="store_true",
                     help="redraw quality.md, quality.png and the RESULTS.md block from quality.json")
+    ap.add_argument("--panel", action="store_true", help="run the validation panel instead")
+    ap.add_argument("--graph-study", action="store_true",
+                    help="with --panel: Leiden on kNN graphs of 10-50 neighbours, Euclidean or cosine")
+    ap.add_argument("--sets", nargs="*", help="panel sets (default: all of harness.panel.PANEL)")
+    ap.add_argument("--methods", nargs="*", default=list(PANEL_METHODS),
+                    help=f"panel methods and peers (default: {' '.join(PANEL_METHODS)}; also: scale)")
+    ap.add_argument("--sccase-variant", action="append", default=[],
+                    help="extra scCASE configuration NAME:key=value,... (e.g. k15:k_range=3;15)")
     args = ap.parse_args(argv)
+    if args.panel:
+        from panel_quality import graph_study, panel_report, run_panel
+
+        if args.graph_study:
+            graph_study(args.sets)
+        elif args.report_only:
+            panel_report(PANEL_FILE.load())
+        else:
+            run_panel(args.sets, args.methods, args.sccase_variant)
+        return
     if args.report_only:
         report(RESULTS_FILE.load())
         return
