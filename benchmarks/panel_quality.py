@@ -21,6 +21,8 @@ from harness.results import ResultsFile
 
 WORK = BENCH_WORK / "panel"
 PANEL_FILE = ResultsFile(RESULTS / "panel.json")
+#: ``--graph-study``'s figures (a file of their own: it may run beside a panel run)
+GRAPH_FILE = ResultsFile(RESULTS / "panel_graph.json")
 #: the panel's columns, in order: ours, then the peers
 ORDER = ("spectral", "sccase", "scembed", "scale", "snapatac2", "sccase_authors", "scembed_authors")
 GENIML_PY = BENCH_WORK / "geniml-venv" / "bin" / "python"
@@ -193,15 +195,13 @@ def ranks(out: dict, cols: list[str]) -> dict:
 
 
 def _columns(out: dict) -> list[str]:
-    seen = {k for name, rec in out.items() if not name.startswith("_")
-            for k, v in rec.items() if isinstance(v, dict) and "kmeans_ari_mean" in v}
+    seen = {k for rec in out.values() for k, v in rec.items() if isinstance(v, dict) and "kmeans_ari_mean" in v}
     main = [c for c in ORDER if c in seen]
     return main + sorted(seen - set(main))
 
 
 def panel_report(out: dict) -> None:
-    study = out.get("_graph")
-    out = {k: v for k, v in out.items() if not k.startswith("_")}
+    study = GRAPH_FILE.load()
     cols = [c for c in _columns(out) if not c.startswith("sccase[")]
     every = _columns(out)
     head = "| set | cells | peaks | types | values | " + " | ".join(cols) + " |"
@@ -222,6 +222,17 @@ def panel_report(out: dict) -> None:
     lines.append("| **mean ARI** | | | | | " + " | ".join(f"{mean[c]:.3f} / {lmean[c]:.3f}" for c in cols) + " |")
     rk = ranks(out, cols)
     lines.append("| **mean rank** | | | | | " + " | ".join(f"{rk[c][0]:.2f}" for c in cols) + " |")
+    real = {k: v for k, v in out.items() if PANEL.get(k, ("real",))[0] != "synth"}
+    if len(real) < len(out):
+        rr = ranks(real, cols)
+        km = {c: np.nanmean([r[c]["kmeans_ari_mean"] for r in real.values() if "kmeans_ari_mean" in r.get(c, {})])
+              for c in cols}
+        ld = {c: np.nanmean([r[c]["leiden_ari_mean"] for r in real.values() if "leiden_ari_mean" in r.get(c, {})])
+              for c in cols}
+        lines.append(f"| **mean ARI, the {len(real)} sets from real data** | | | | | "
+                     + " | ".join(f"{km[c]:.3f} / {ld[c]:.3f}" for c in cols) + " |")
+        lines.append(f"| **mean rank, the {len(real)} sets from real data** | | | | | "
+                     + " | ".join(f"{rr[c][0]:.2f}" for c in cols) + " |")
     extra = [c for c in every if c.startswith("sccase[")]
     if extra:
         lines += ["", "scCASE configurations scored beside the default (mean k-means / Leiden ARI over "
@@ -235,6 +246,10 @@ def panel_report(out: dict) -> None:
                 else "-" for c in sub) + " |")
         rk2 = ranks(out, sub)
         lines.append("| **mean rank** | " + " | ".join(f"{rk2[c][0]:.2f}" for c in sub) + " |")
+        if len(real) < len(out):
+            rk3 = ranks(real, sub)
+            lines.append(f"| **mean rank, the {len(real)} sets from real data** | "
+                         + " | ".join(f"{rk3[c][0]:.2f}" for c in sub) + " |")
     if study:
         keys = list(next(iter(study.values())))
         lines += ["", "Leiden on small sets (`--graph-study`): Leiden ARI (searched to k, mean of seeds 0-4) "
@@ -278,7 +293,7 @@ def graph_study(sets=None) -> None:
     """Leiden ARI (searched to k, seeds 0-4, mean) of our ``X_spectral`` and SnapATAC2's on
     each panel set, for kNN graphs of :data:`GRAPH_K` neighbours, Euclidean or cosine (unit
     rows), UMAP connectivities: what the graph construction does to Leiden on small sets.
-    Needs the panel's SnapATAC2 embeddings (``--panel`` first). Writes the ``graph`` section."""
+    Needs the panel's SnapATAC2 embeddings (``--panel`` first). Writes ``panel_graph.json``."""
     import anndata as ad
 
     import scatac_dist as sd
@@ -286,8 +301,7 @@ def graph_study(sets=None) -> None:
     from scatac_dist.tl.graph import connectivities, knn_graph, search_resolution
     from scatac_dist.tl.metrics import ari
 
-    out = PANEL_FILE.load()
-    study = out.get("_graph", {})
+    study = GRAPH_FILE.load()
     client = sd.get_client(n_workers=2, dashboard_address=":0")
     try:
         for name in sets or [n for n in PANEL]:
@@ -316,8 +330,7 @@ def graph_study(sets=None) -> None:
                         rec[f"{emb}|{'cos' if cosine else 'euc'}|{k}"] = float(np.mean(vals))
             study[name] = rec
             print(name, {k: round(v, 3) for k, v in rec.items()}, flush=True)
-            out["_graph"] = study
-            PANEL_FILE.save(out)
+            GRAPH_FILE.save(study)
     finally:
         client.close()
-    panel_report(out)
+    panel_report(PANEL_FILE.load())
