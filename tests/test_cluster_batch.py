@@ -165,6 +165,15 @@ def test_tls_scheduler_accepts_its_certificate_and_refuses_others(tmp_path):
                                "--memory-limit", "2GiB", "--local-directory", str(tmp_path / "w"), *tls],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
+        # the worker must have joined before the CLI counts workers (on a loaded machine it can
+        # start after the CLI connects): wait for it over TLS with the same certificate
+        from distributed import Client
+        from distributed.security import Security
+
+        sec = Security(tls_ca_file=str(ca), tls_client_cert=str(cert), tls_client_key=str(key),
+                       require_encryption=True)
+        with Client(address, security=sec, timeout="120s") as c:
+            c.wait_for_workers(1, timeout=120)
         store = tmp_path / "s.zarr"
         r = _cli("--scheduler", address, *tls, "--no-progress", "synth", "-o", str(store), "--cells", "400",
                  "--peaks", "800", "--clusters", "3", timeout=240)
