@@ -48,7 +48,7 @@ def _num(v: str):
         try:
             return cast(v)
         except ValueError:
-            pass
+            pass                                 # not this type: try the next
     return {"None": None, "True": True, "False": False}.get(v, v)
 
 
@@ -61,12 +61,21 @@ def _score(E: np.ndarray, y: np.ndarray) -> dict:
     return rec
 
 
+def _spectral(store: Path, client) -> None:
+    """The default pipeline up to ``obsm['X_spectral']`` on ``store`` (what the protocol scores)."""
+    import scatac_dist as sd
+    from scatac_dist.pipeline import default_stages, run_stages
+
+    stages = [s for s in default_stages() if s.name in ("qc", "filter_cells", "select_features", "tfidf",
+                                                       "lsi", "spectral")]
+    run_stages(sd.open_atlas(store), stages, client=client, force=True, progress=False)
+
+
 def _ours(name: str, store: Path, y: np.ndarray, methods, variants, client) -> dict:
     """Our methods on one fresh store: scCASE (and its variants), scEmbed, SCALE, then the
     pipeline (last: its QC writes ``pass_qc``, which the models would respect)."""
     import scatac_dist as sd
     from scatac_dist.models import SCALE, SCCASE, SCEMBED
-    from scatac_dist.pipeline import default_stages, run_stages
 
     out = {}
     runs = []
@@ -96,9 +105,7 @@ def _ours(name: str, store: Path, y: np.ndarray, methods, variants, client) -> d
             "binary_input": a.provenance()["scale"]["result"].get("binary_input"), "n_clusters": m.n_clusters_}
     if "spectral" in methods:
         t0 = time.perf_counter()
-        stages = [s for s in default_stages() if s.name in ("qc", "filter_cells", "select_features", "tfidf",
-                                                           "lsi", "spectral")]
-        run_stages(sd.open_atlas(store), stages, client=client, force=True, progress=False)
+        _spectral(store, client)
         out["spectral"] = _score(sd.open_atlas(store).read("obsm/X_spectral"), y) | {
             "seconds": time.perf_counter() - t0}
     return out
@@ -297,7 +304,6 @@ def graph_study(sets=None) -> None:
     import anndata as ad
 
     import scatac_dist as sd
-    from scatac_dist.pipeline import default_stages, run_stages
     from scatac_dist.tl.graph import connectivities, knn_graph, search_resolution
     from scatac_dist.tl.metrics import ari
 
@@ -311,9 +317,7 @@ def graph_study(sets=None) -> None:
                 continue
             y = ad.read_h5ad(h5ad, backed="r").obs["label"].astype(str).to_numpy()
             store = ensure_store(h5ad, WORK / f"{name}_graph.zarr", client)
-            stages = [s for s in default_stages() if s.name in ("qc", "filter_cells", "select_features", "tfidf",
-                                                               "lsi", "spectral")]
-            run_stages(sd.open_atlas(store), stages, client=client, force=True, progress=False)
+            _spectral(store, client)
             embs = {"spectral": sd.open_atlas(store).read("obsm/X_spectral"), "snapatac2": np.load(snap)}
             shutil.rmtree(store, ignore_errors=True)
             rec = {}
