@@ -45,7 +45,7 @@ from .store import Atlas
 
 logger = logging.getLogger("scatac_dist")
 
-__all__ = ["SynthParams", "synthesize", "generate_rows", "synth_obs", "synth_var", "synth_genes", "repeak"]
+__all__ = ["SynthParams", "synthesize", "synthesize_like", "generate_rows", "synth_obs", "synth_var", "synth_genes", "repeak"]
 
 GEN_BLOCK = 1024
 _CHROM_SIZES_MB = [249, 242, 198, 190, 181, 171, 159, 145, 138, 134, 135, 133, 114, 107, 102,
@@ -342,3 +342,14 @@ def repeak(X: sp.spmatrix, var: pd.DataFrame, *, seed: int = 0, max_shift: int =
     G = sp.csr_matrix((np.ones(len(var), np.float32), (np.arange(len(var)), origin)), shape=(len(var), n_new))
     X_new = sp.csr_matrix(sp.csr_matrix(X) @ G)
     return X_new, peak_var(new_chr, new_start, new_end, "re-called peaks"), origin
+
+
+def synthesize_like(out: str | Path, like, *, n_cells: int, n_peaks: int | None = None, seed: int = 0,
+                    chunk_rows: int | None = None, overwrite: bool = False, client=None,
+                    progress: bool = True) -> Atlas:
+    """Cells like a real reference (a preset ``"mouse"``/``"human"``, a parameter file or a
+    labelled store): see :func:`scatac_dist.calibrated.synthesize_like`."""
+    from .calibrated import synthesize_like as _like
+
+    return _like(out, like, n_cells=n_cells, n_peaks=n_peaks, seed=seed, chunk_rows=chunk_rows,
+                 overwrite=overwrite, client=client, progress=progress)

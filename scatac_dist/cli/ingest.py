@@ -105,20 +105,60 @@ def synth_params(kw: dict[str, Any], preset: Any = None):
     return dataclasses.replace(preset if preset is not None else SynthParams(), **{k: kw[k] for k in SYNTH_KEYS})
 
 
+#: the options of the plain generator that ``--like`` replaces with what it learned
+LIKE_IGNORES = ("n_clusters", "fragments", "signal", "n_batches", "batch_effect", "n_genes")
+
+
 @command("synth", user_errors=(ValueError,))
 @click.option("-o", "--output", "out", required=True, type=click.Path(path_type=Path))
 @synth_options()
+@click.option("--like", help="Generate cells like a reference: a preset (mouse: SNARE-seq MOp ATAC, mm10; "
+              "human: bm0828 bone marrow, hg19), a parameter file (.npz) or a labelled store to learn from. "
+              "--peaks defaults to the reference's peaks.")
+@click.option("--label-key", help="With --like STORE: the cell-type column (default: celltype, cell_type, cluster "
+              "or label).")
+@click.option("--exclude-label", multiple=True, help="With --like STORE: a label to leave out (repeatable).")
+@click.option("--save-params", type=click.Path(path_type=Path),
+              help="With --like STORE: also write the learned parameters here (.npz), to reuse with --like FILE.")
 @click.option("--overwrite", is_flag=True)
 @pass_session
-def synth(session: Session, out, overwrite, chunk_rows, **kw):
+def synth(session: Session, out, overwrite, chunk_rows, like, label_key, exclude_label, save_params, **kw):
     """Generate a synthetic labelled atlas straight into a store."""
-    from ..datasets import synthesize
+    ctx = click.get_current_context()
+    given = {k for k in kw if ctx.get_parameter_source(k) == click.core.ParameterSource.COMMANDLINE}
+    if like is None:
+        if label_key or exclude_label or save_params:
+            raise click.UsageError("--label-key, --exclude-label and --save-params go with --like STORE")
+        from ..datasets import synthesize
 
-    params = synth_params(kw)
-    client = session.client()
-    with bars_on_stderr():
-        atlas = synthesize(out, params, chunk_rows=chunk_rows, overwrite=overwrite, client=client,
-                           progress=session.progress)
+        params = synth_params(kw)
+        client = session.client()
+        with bars_on_stderr():
+            atlas = synthesize(out, params, chunk_rows=chunk_rows, overwrite=overwrite, client=client,
+                               progress=session.progress)
+    else:
+        from ..calibrated import learn_like, load_like
+
+        clash = sorted(given & set(LIKE_IGNORES))
+        if clash:
+            raise click.UsageError(f"--like learns what {', '.join('--' + k.replace('n_', '') for k in clash)} "
+                                   "would set; drop them (only --cells, --peaks, --seed and --chunk-rows apply)")
+        if Path(like).is_dir():
+            params = learn_like(like, label_key, exclude=tuple(exclude_label))
+        elif label_key or exclude_label:
+            raise click.UsageError("--label-key and --exclude-label apply when --like names a store to learn from")
+        else:
+            params = load_like(like)
+        if save_params:
+            click.echo(f"wrote the learned parameters to {params.save(save_params)}")
+        from ..datasets import synthesize_like
+
+        client = session.client()
+        with bars_on_stderr():
+            atlas = synthesize_like(out, params, n_cells=kw["n_cells"],
+                                    n_peaks=kw["n_peaks"] if "n_peaks" in given else None, seed=kw["seed"],
+                                    chunk_rows=chunk_rows, overwrite=overwrite, client=client,
+                                    progress=session.progress)
     session.summarise(atlas.path)
     click.echo(f"wrote {atlas.path}")
     click.echo(describe(atlas.path))
