@@ -39,8 +39,12 @@ bench-install: install
 bench-ingest: bench-install
 	$(PY) benchmarks/bench_ingest.py
 
+# A small version of the scaling report (mouse preset, 20k peaks, 2k and 5k cells: a few minutes
+# on 2 cores), written to benchmarks/results/scaling_small.{json,md} beside the full run's files.
+# The full run (issue 27; hours): $(PY) benchmarks/bench_scaling.py --preset mouse human
+#   --peaks 100000 500000 --sizes 10000 100000 1000000 --epoch-cells 100000
 bench-scaling: bench-install
-	$(PY) benchmarks/bench_scaling.py
+	$(PY) benchmarks/bench_scaling.py --small
 
 bench-quality: bench-install
 	$(PY) benchmarks/bench_quality.py

@@ -15,7 +15,12 @@ Small modules, each named for what it does:
   ``benchmarks/work`` (or ``$SCATAC_BENCH_SCRATCH``);
 * :mod:`harness.report`: the marked blocks of ``benchmarks/RESULTS.md`` and the tables beside
   them;
-* :mod:`harness.plots`: matplotlib without a display.
+* :mod:`harness.plots`: matplotlib without a display;
+* :mod:`harness.reads`: bytes a process tree reads (from zarr stores, counted by the hook in
+  ``harness/hooks``; and every process's ``read_chars``), and the environment that turns the
+  hooks on in a child;
+* :mod:`harness.tasks`: the Dask tasks a run's scheduler recorded (``hooks/scatac_bench_tasks.py``),
+  summed per stage.
 
 ``sccase_runner.py`` runs under the scCASE virtualenv (numpy 1.26, psutil 5.9, no
 ``scatac_dist``): ``memory``, ``procs``, ``results``, ``environment`` and ``timing`` import the

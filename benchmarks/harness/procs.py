@@ -31,12 +31,13 @@ class Measured:
 
 def run_measured(cmd: list[str], *, log: Path | None = None, stderr_log: Path | None = None,
                  env: dict | None = None, interval: float = 0.1, timeout: float | None = None,
-                 max_rss_bytes: float | None = None) -> Measured:
+                 max_rss_bytes: float | None = None, sampler_factory=TreeSampler) -> Measured:
     """Run ``cmd`` with its process tree's RSS sampled every ``interval`` s.
 
     Output goes to ``log`` (stderr too, unless ``stderr_log`` is given; nowhere without a
     log). Past ``timeout`` seconds, or once the tree's RSS passes ``max_rss_bytes``, the whole
-    tree is killed and ``stopped`` says why.
+    tree is killed and ``stopped`` says why. ``sampler_factory(pid, interval)``: the sampler
+    (a :class:`TreeSampler` by default; ``harness.reads.ReadSampler`` also keeps bytes read).
     """
     for p in (log, stderr_log):
         if p is not None:
@@ -52,7 +53,7 @@ def run_measured(cmd: list[str], *, log: Path | None = None, stderr_log: Path | 
             for fh in files:
                 if fh is not None:
                     fh.close()
-        with TreeSampler(proc.pid, interval) as sampler:
+        with sampler_factory(proc.pid, interval) as sampler:
             while True:
                 try:
                     proc.wait(timeout=interval)

@@ -26,17 +26,19 @@ DATASETS = {
 
 @contextmanager
 def _client(client, **kw):
-    """``client`` when given; else a LocalCluster of ``kw`` (``scatac_dist.get_client``), closed after."""
+    """``client`` when given; else a LocalCluster of ``kw`` (``scatac_dist.get_client``), closed after
+    (cluster included)."""
     if client is not None:
         yield client
         return
     import scatac_dist as sd
+    from scatac_dist.cluster import close_client
 
     own = sd.get_client(**kw)
     try:
         yield own
     finally:
-        own.close()
+        close_client(own)  # the LocalCluster too: a closed client alone leaves its workers running
 
 
 def scratch() -> Path:
@@ -111,3 +113,80 @@ def copy_store(store: Path, target: Path) -> Path:
     shutil.rmtree(target, ignore_errors=True)
     shutil.copytree(store, target)
     return target
+
+
+# --------------------------------------------------------------------------- the scaling atlases
+
+
+def count_name(n: int) -> str:
+    """``2000`` -> ``2k``, ``1000000`` -> ``1000k``; counts that are not whole thousands as they are."""
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def _readable(store: Path, n_cells: int, n_peaks: int | None, mod: str | None = None) -> bool:
+    """``store`` opens, with ``n_cells`` cells (and ``n_peaks`` peaks when given)."""
+    import scatac_dist as sd
+
+    if not store.exists():
+        return False
+    try:
+        a = sd.open_atlas(store, mod=mod) if mod else sd.Atlas(store)
+        return a.n_obs == n_cells and (n_peaks is None or a.n_vars == n_peaks)
+    except Exception:  # a partial or unreadable store from an interrupted run
+        return False
+
+
+def ensure_like_atlas(like: str, n: int, n_peaks: int, folder: Path | None = None, *, client=None) -> Path:
+    """The atlas ``datasets.synthesize_like(like=...)`` makes with ``n`` cells x ``n_peaks``
+    (seed 0), ``FOLDER/{like}_{n}k_{n_peaks}kp.zarr``, generated once and reused; a partial or
+    unreadable one (or one of other sizes) is generated again. ``like``: ``"mouse"``,
+    ``"human"`` (the presets), or what else ``synthesize_like`` takes."""
+    from scatac_dist import datasets
+
+    folder = folder or scratch()
+    store = folder / f"{Path(str(like)).stem}_{count_name(n)}_{count_name(n_peaks)}p.zarr"
+    if _readable(store, n, None):  # the generator decides the exact peak count
+        return store
+    if not hasattr(datasets, "synthesize_like"):
+        raise RuntimeError(f"preset {like!r} needs scatac_dist.datasets.synthesize_like, which this checkout "
+                           "does not have yet; use --preset synthetic meanwhile")
+    folder.mkdir(parents=True, exist_ok=True)
+    with _client(client, n_workers=2, threads_per_worker=1, dashboard_address=":0") as c, Timer() as t:
+        datasets.synthesize_like(store, like, n_cells=n, n_peaks=n_peaks, seed=0, overwrite=True, client=c,
+                                 progress=False)
+    print(f"generated {store} in {t.seconds:.0f} s", flush=True)
+    return store
+
+
+def ensure_multiome_atlas(n: int, n_peaks: int, n_genes: int = 2000, folder: Path | None = None, *,
+                          client=None) -> Path:
+    """A joint RNA + ATAC synthetic atlas (``SynthParams(n_genes=...)``, 10 types, seed 0) of
+    ``n`` cells, ``FOLDER/multiome_{n}k_{n_peaks}kp_{n_genes}g.zarr`` (the name
+    ``bench_scmvp.py scale`` uses), generated once and reused."""
+    from scatac_dist.datasets import SynthParams, synthesize
+
+    folder = folder or scratch()
+    store = folder / f"multiome_{count_name(n)}_{count_name(n_peaks)}p_{n_genes}g.zarr"
+    if (store / ".done").exists() or _readable(store, n, n_peaks, mod="atac"):
+        return store
+    folder.mkdir(parents=True, exist_ok=True)
+    with _client(client, n_workers=2, threads_per_worker=1, dashboard_address=":0") as c, Timer() as t:
+        synthesize(store, SynthParams(n_cells=n, n_peaks=n_peaks, n_genes=n_genes, n_clusters=10, seed=0),
+                   overwrite=True, client=c, progress=False)
+    (store / ".done").write_text(f"{t.seconds:.1f}\n")
+    print(f"generated {store} in {t.seconds:.0f} s", flush=True)
+    return store
+
+
+def ensure_10x_h5(store: Path, path: Path | None = None) -> Path:
+    """``store`` exported once to a Cell Ranger ``filtered_peak_bc_matrix.h5`` (gzip), by
+    default ``STORE.10x.h5`` beside it; an export left half-written is redone."""
+    from scatac_dist.io.export import export_10x_h5
+    from scatac_dist.store import open_atlas
+
+    path = path or store.with_suffix(".10x.h5")
+    if not path.exists():
+        with Timer() as t:
+            export_10x_h5(open_atlas(store), path, compression="gzip")
+        print(f"exported {path} in {t.seconds:.0f} s", flush=True)
+    return path
