@@ -22,7 +22,8 @@ ALLOWED = {
     "store": {"lock"},
     "cluster": set(),
     "io": {"ops", "blocks", "lock", "store", "cluster"},
-    "datasets": {"ops", "blocks", "store", "io", "cluster"},
+    "calibrated": {"ops", "blocks", "store", "io", "cluster"},
+    "datasets": {"ops", "blocks", "store", "io", "cluster", "calibrated"},
     "pp": {"ops", "blocks", "store", "cluster"},
     "tl": {"ops", "blocks", "store", "cluster", "pp"},
     "modules": set(),
@@ -32,6 +33,7 @@ ALLOWED = {
     "pipeline": {"ops", "blocks", "lock", "store", "io", "pp", "tl", "cluster", "pl"},
     "demo": {"ops", "blocks", "store", "io", "pp", "tl", "models", "cluster", "datasets", "pipeline", "pl"},
     "cli": {"ops", "blocks", "lock", "store", "io", "pp", "tl", "models", "modules", "train", "cluster", "datasets",
+            "calibrated",
             "pipeline", "pl", "demo"},
     "__init__": None,  # the package root re-exports the public API
 }
