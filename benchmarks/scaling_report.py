@@ -34,6 +34,8 @@ PROCESS_GIB_1M_500K = 8.0
 EXPONENT_MAX = 1.1
 #: scale-out model: bytes/s of the link the workers' transfers are assumed to share (10 Gb/s)
 BANDWIDTH = 1.25e9
+#: what the full run's figures say, written by hand and appended to SCALING.md
+NOTES = Path(__file__).resolve().parent / "scaling_notes.md"
 PROJECT_TO = (16, 64)
 #: SnapATAC2 2.9's counterpart of each capability (the pipeline's is measured)
 SNAP_COUNTERPART = {
@@ -498,6 +500,8 @@ def write_report(results: dict, paths: ReportPaths, *, json_path: Path, bandwidt
         *projection_rows(runs, bandwidth),
         "",
     ]
+    if paths.results_block and NOTES.exists():  # the full run's reading, written by hand
+        text += [NOTES.read_text().rstrip(), ""]
     md.parent.mkdir(parents=True, exist_ok=True)
     md.write_text("\n".join(text))
     print(f"wrote {md}, {paths.time_png}, {paths.memory_png}", flush=True)
