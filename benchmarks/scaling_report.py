@@ -514,9 +514,10 @@ def results_block(runs: list[dict], md: Path) -> None:
     from harness.report import publish
 
     lines, _ = ratio_rows(runs)
+    # a plain path, not a link: the docs site includes RESULTS.md, where a link to SCALING.md would not resolve
     publish("scaling", "## Scaling (`python benchmarks/bench_scaling.py`)\n\n"
             f"Every capability's cost curve, growth exponents, the targets and the scale-out projection: "
-            f"[{md.name}]({_rel(md, Path(__file__).resolve().parent / 'RESULTS.md')}). The default pipeline "
+            f"`benchmarks/{md.name}`. The default pipeline "
             "against SnapATAC2 2.9 in the same run (matched stages: " + " + ".join(MATCHED)
             + "; memory: all our processes over the whole pipeline against SnapATAC2's process):\n\n",
             [*lines, "", "Per-stage wall time (s):", "", *pipeline_stage_rows(runs)], echo=False)
