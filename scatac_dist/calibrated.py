@@ -416,8 +416,9 @@ def _simulate_types(rng, share, depth_q, partner, mu, n_sim, module_of, sigma, b
 
 
 def _calibrate_mixing(B: sp.csr_matrix, codes: np.ndarray, P: np.ndarray, loo: np.ndarray,
-                      depth_q: np.ndarray, module_of: np.ndarray, sigma: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Core shares (S x T), own-type weight means (T,) and the partner matrix (T x T).
+                      depth_q: np.ndarray, module_of: np.ndarray, sigma: np.ndarray,
+                      seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Own-type weight means (T,) and the partner matrix (T x T).
 
     The own-type weight of each reference cell is estimated by EM against the type means
     ``P``; its spread within a type beyond what sparse sampling alone gives is the
@@ -438,7 +439,7 @@ def _calibrate_mixing(B: sp.csr_matrix, codes: np.ndarray, P: np.ndarray, loo: n
         row[t] = 0
         partner[t] = row / row.sum() if row.sum() > 0 else np.where(np.arange(T) == t, 0.0, 1.0 / max(T - 1, 1))
     if T == 1:
-        return P, np.ones(1), partner
+        return np.ones(1), partner
     real_var = np.array([own_hat[codes == t].var() for t in range(T)])
     rng = np.random.default_rng([seed, 0xCA1])
     mean_open = np.array([np.interp(0.5, np.linspace(0, 1, depth_q.shape[1]), depth_q[t]) for t in range(T)])
@@ -456,7 +457,7 @@ def _calibrate_mixing(B: sp.csr_matrix, codes: np.ndarray, P: np.ndarray, loo: n
                    for t in range(T)])
     logger.info("own-type weight spread, reference %s; simulated at mu=1 %s; fitted mu %s",
                 np.round(real_var, 4).tolist(), np.round(sim_var[0], 4).tolist(), np.round(mu, 2).tolist())
-    return _core_shares(P, mu, partner), mu, partner
+    return mu, partner
 
 
 def separation(B: sp.spmatrix, labels: np.ndarray, *, n_comps: int = 30, seed: int = 0) -> float:
@@ -558,7 +559,7 @@ def learn_like(store: str | Path, label_key: str | None = None, *, exclude: tupl
     depth_q_stored = np.stack([np.quantile(np.diff(B.indptr)[codes == t], qs) for t in range(T)])
     n_modules = int(min(N_MODULES, max(2, B.shape[1] // 200), max(2, B.shape[0] // 10)))
     module_of, sigma = _modules(B, codes, open_share, n_modules, seed)
-    core, mu, partner = _calibrate_mixing(B, codes, open_share, loo, depth_q_stored, module_of, sigma, seed)
+    mu, partner = _calibrate_mixing(B, codes, open_share, loo, depth_q_stored, module_of, sigma, seed)
     proportions = np.bincount(codes, minlength=T) / len(codes)
     mu, background = _calibrate_heterogeneity(B, codes, open_share, mu, partner, proportions, depth_q_stored,
                                               module_of, sigma, seed)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import psutil
@@ -52,8 +53,8 @@ def store_read_total(reads_dir: Path) -> int:
     for p in Path(reads_dir).glob("*.json"):
         try:
             total += int(json.loads(p.read_text())["bytes"])
-        except (OSError, ValueError, KeyError):
-            pass
+        except (OSError, ValueError, KeyError) as exc:  # files are replaced atomically: say so, never guess
+            print(f"store reads: {p} unreadable ({exc}); its bytes are not counted", file=sys.stderr)
     return total
 
 

@@ -9,6 +9,7 @@ end, same machine) holds the end of its compute. Standard library only.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
@@ -18,8 +19,8 @@ def load_rows(tasks_dir: Path) -> list[list]:
     for p in sorted(Path(tasks_dir).glob("tasks-*.json")):
         try:
             rows += json.loads(p.read_text())["rows"]
-        except (OSError, ValueError, KeyError):
-            pass
+        except (OSError, ValueError, KeyError) as exc:  # files are replaced atomically: say so, never guess
+            print(f"task records: {p} unreadable ({exc}); its tasks are left out", file=sys.stderr)
     return rows
 
 

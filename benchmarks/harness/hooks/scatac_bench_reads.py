@@ -58,7 +58,7 @@ def flush() -> dict:
             with open(tmp, "w") as fh:
                 json.dump(rec, fh)
             os.replace(tmp, path)
-        except OSError:
+        except OSError:  # a count must never fail the process it measures; the next flush and exit retry
             pass
     return rec
 
