@@ -226,3 +226,43 @@ def test_knn_graph_never_lists_a_cell_as_its_own_neighbour(exact, monkeypatch):
     exp = np.sort(D, axis=1)[:, :12]
     if exact:
         np.testing.assert_allclose(np.sort(dist, axis=1), exp, atol=1e-5)
+
+
+def test_connectivities_equal_umaps_fuzzy_simplicial_set():
+    """Our NumPy fuzzy union against umap-learn's own numba one, with ties at distance 0
+    (duplicate cells, where rho falls back to the next distance) and a cell of all-zero
+    distances (sigma's floor from the global mean)."""
+    from umap.umap_ import fuzzy_simplicial_set
+
+    from scatac_dist.tl.graph import connectivities, knn_graph
+
+    rng = np.random.default_rng(1)
+    E = rng.standard_normal((800, 6)).astype(np.float32) * rng.uniform(0.2, 3, (800, 1)).astype(np.float32)
+    E[:20] = E[0]  # twenty identical cells: their 15 nearest are all at distance 0
+    idx, dist = knn_graph(E, 15)
+    n = len(E)
+    got = connectivities(idx, dist, n)
+    knn_i = np.hstack([np.arange(n)[:, None], idx])
+    knn_d = np.hstack([np.zeros((n, 1), dist.dtype), dist])
+    ref, _, _ = fuzzy_simplicial_set(sp.coo_matrix((n, 1)), 16, 0, "euclidean", knn_indices=knn_i, knn_dists=knn_d)
+    ref = sp.csr_matrix(ref)
+    assert got.nnz == ref.nnz and abs((got != 0).astype(int) - (ref != 0).astype(int)).sum() == 0
+    assert abs(got - ref).max() < 1e-4
+    assert got.diagonal().max() == 0 and abs(got - got.T).max() < 1e-6
+
+
+def test_resolution_search_finds_each_count_a_scan_finds():
+    """Every cluster count that a scan over resolutions reaches, the search reaches too, and it
+    gives the labels of one Leiden run at the resolution it reports."""
+    from scatac_dist.tl.graph import as_igraph, connectivities, knn_graph, leiden_labels, search_resolution
+
+    rng = np.random.default_rng(2)
+    centres = rng.standard_normal((12, 8)) * 4
+    E = (centres[rng.integers(0, 12, 3000)] + rng.standard_normal((3000, 8))).astype(np.float32)
+    idx, dist = knn_graph(E, 15)
+    G = as_igraph(connectivities(idx, dist, len(E)))
+    reached = {len(np.unique(leiden_labels(G, r))) for r in np.geomspace(0.05, 5, 25)}
+    for k in sorted(reached)[:: max(1, len(reached) // 6)]:
+        res, lab = search_resolution(G, k)
+        assert len(np.unique(lab)) == k
+        np.testing.assert_array_equal(lab, leiden_labels(G, res))
