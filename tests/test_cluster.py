@@ -79,6 +79,45 @@ def test_config_defaults_and_env_override():
     assert out.stdout.split() == ["2500", "1"]
 
 
+def test_threads_only_local_cluster_runs_the_pipeline_in_one_process(tmp_path, client):
+    """--threads-only: the scheduler and both workers are threads of the CLI's own process (it
+    starts no child process), and the pipeline's spectral embedding equals, to float32
+    rounding, the one worker processes compute (the ``client`` fixture's)."""
+    import shutil
+
+    import numpy as np
+    import psutil
+
+    from scatac_dist.datasets import SynthParams, synthesize
+    from scatac_dist.pipeline import default_stages, run_stages
+    from scatac_dist.store import open_atlas
+
+    store = tmp_path / "procs.zarr"
+    synthesize(store, SynthParams(n_cells=600, n_peaks=800, n_clusters=3, seed=4), chunk_rows=200, client=client,
+               progress=False)
+    shutil.copytree(store, tmp_path / "threads.zarr")
+    run_stages(open_atlas(store), default_stages()[:6], client=client, progress=False)  # qc ... spectral
+    cmd = [str(BIN / "scatac-dist"), "--workers", "2", "--threads-only", "--no-progress", "run",
+           str(tmp_path / "threads.zarr")]
+    proc = psutil.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    children = 0
+    while proc.poll() is None:
+        try:
+            children = max(children, len(proc.children(recursive=True)))
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    _, stderr = proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert "2 workers" in stderr and children == 0
+    a, b = open_atlas(tmp_path / "threads.zarr"), open_atlas(store)
+    # not bit-equal: a nanny starts each worker process with one BLAS thread, while worker
+    # threads share this process's BLAS pool, which sums in another order (float32 noise)
+    emb, ref = a.read("obsm/X_spectral"), b.read("obsm/X_spectral")
+    np.testing.assert_allclose(emb, ref, atol=5e-3 * np.nanmax(np.abs(ref)))
+    assert "X_umap" in a.keys("obsm") and a.obs["leiden"].notna().any()
+
+
 def test_local_cluster_from_flags_and_report(tmp_path):
     """get_client starts worker processes as asked and the performance report is written."""
     import dask.array as da

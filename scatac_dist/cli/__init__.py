@@ -38,6 +38,9 @@ __all__ = ["main"]
               "worker pods (default 2).")
 @click.option("--threads-per-worker", type=int, help="Local cluster: threads per worker (default 1).")
 @click.option("--memory-limit", metavar="SIZE", help="Local cluster: memory per worker, e.g. 4GiB.")
+@click.option("--threads-only/--processes", "threads_only", default=None,
+              help="Local cluster: workers as threads of this one process (least memory on one machine), or as "
+              "processes (default: scatac-dist.cluster.processes, true).")
 @click.option("--jobs", type=int, help="SLURM/PBS: number of worker jobs (default 2).")
 @click.option("--adapt", metavar="MIN:MAX", help="SLURM/PBS/k8s: scale between MIN and MAX worker jobs (pods) with "
               "the load.")
@@ -60,7 +63,7 @@ __all__ = ["main"]
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for Dask's own).")
 @click.version_option(package_name="scatac-dist")
 @click.pass_context
-def main(ctx: click.Context, cluster_type, scheduler, workers, threads_per_worker, memory_limit, jobs, adapt, queue,
+def main(ctx: click.Context, cluster_type, scheduler, workers, threads_per_worker, memory_limit, threads_only, jobs, adapt, queue,
          account, walltime, job_cores, job_memory, image, namespace, tls_ca_file, tls_cert, tls_key, performance_report,
          performance_report_dir, progress, verbose):
     """scatac-dist: atlas-scale single-cell ATAC-seq analysis on Dask."""
@@ -76,7 +79,7 @@ def main(ctx: click.Context, cluster_type, scheduler, workers, threads_per_worke
     job_options = {"queue": queue, "account": account, "walltime": walltime, "cores": job_cores,
                    "memory": job_memory, "image": image, "namespace": namespace}
     ctx.obj = Session(scheduler=scheduler, cluster_type=cluster_type, workers=workers, threads=threads_per_worker,
-                      memory_limit=memory_limit, jobs=jobs, adapt=adapt, job_options=job_options,
+                      memory_limit=memory_limit, processes=None if threads_only is None else not threads_only, jobs=jobs, adapt=adapt, job_options=job_options,
                       tls={"ca_file": tls_ca_file, "cert": tls_cert, "key": tls_key}, report=performance_report,
                       report_dir=performance_report_dir, progress=show_progress(progress))
     ctx.call_on_close(ctx.obj.close)

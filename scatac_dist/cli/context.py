@@ -151,7 +151,7 @@ class Session:
         Address of an existing scheduler; ``None``: the cluster ``cluster_type`` names.
     cluster_type
         ``local`` (an embedded ``LocalCluster``), ``slurm`` or ``pbs`` (worker jobs).
-    workers, threads, memory_limit
+    workers, threads, memory_limit, processes
         Shape of the embedded cluster (``None``: :func:`scatac_dist.cluster.get_client` decides).
     jobs, adapt, job_options
         SLURM/PBS: number of worker jobs, ``"MIN:MAX"`` adaptive scaling, the jobs' settings.
@@ -164,7 +164,8 @@ class Session:
     """
 
     def __init__(self, *, scheduler: str | None = None, cluster_type: str | None = None, workers: int | None = None,
-                 threads: int | None = None, memory_limit: str | None = None, jobs: int | None = None,
+                 threads: int | None = None, memory_limit: str | None = None, processes: bool | None = None,
+                 jobs: int | None = None,
                  adapt: str | None = None, job_options: dict | None = None, tls: dict | None = None,
                  report: str | None = None, report_dir: str | None = None, progress: bool = False):
         self.scheduler = scheduler
@@ -172,6 +173,7 @@ class Session:
         self.workers = workers
         self.threads = threads
         self.memory_limit = memory_limit
+        self.processes = processes
         self.jobs = jobs
         self.adapt = adapt
         self.job_options = job_options or {}
@@ -195,6 +197,7 @@ class Session:
 
             self._client = get_client(self.scheduler, cluster=self.cluster_type, n_workers=self.workers,
                                       threads_per_worker=self.threads, memory_limit=self.memory_limit,
+                                      processes=self.processes,
                                       jobs=self.jobs, adapt=self.adapt, tls=self.tls, **self.job_options)
             self.stack.callback(self._close_client)
             where = self.scheduler or (f"{self.cluster_type} worker jobs" if self.cluster_type not in (None, "local")

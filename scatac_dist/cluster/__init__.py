@@ -48,6 +48,7 @@ def get_client(
     n_workers: int | None = None,
     threads_per_worker: int | None = None,
     memory_limit: str | int | None = None,
+    processes: bool | None = None,
     dashboard_address: str | None = None,
     timeout: str | float | None = None,
     jobs: int | None = None,
@@ -74,6 +75,10 @@ def get_client(
         Local cluster shape (``n_workers``: worker pods for k8s); ``None`` takes ``scatac-dist.cluster.*`` from the Dask config.
         ``memory_limit`` is per worker (``"4GiB"``, bytes, or ``"auto"``). The local cluster and
         every dashboard bind to 127.0.0.1 unless the address says otherwise.
+    processes
+        Local cluster: workers as processes (``True``, default ``scatac-dist.cluster.processes``)
+        or as threads of this process (``False``: one process, no copies of the imports and no
+        transfers between workers; the Python parts of tasks then share one GIL).
     timeout
         How long to wait for an existing scheduler (default ``scatac-dist.cluster.connect-timeout``).
     jobs, adapt
@@ -154,16 +159,19 @@ def get_client(
     n_workers = n_workers or _config.get("cluster.n-workers") or _default_n_workers()
     threads = threads_per_worker or _config.get("cluster.threads-per-worker") or 1
     memory_limit = memory_limit or _config.get("cluster.memory-limit")
+    if processes is None:
+        processes = bool(_config.get("cluster.processes", True))
     # Keep workers' spill files out of the current directory.
     with dask.config.set({"temporary-directory": dask.config.get("temporary-directory")
                           or os.environ.get("TMPDIR", "/tmp")}):
         local = LocalCluster(
             n_workers=int(n_workers),
             threads_per_worker=int(threads),
-            processes=True,
+            processes=bool(processes),
             memory_limit=memory_limit,
-            host=_config.get("cluster.host") or "127.0.0.1",
             dashboard_address=dashboard,
+            # threads talk in-process (inproc://), which has no host; processes over TCP
+            **({"host": _config.get("cluster.host") or "127.0.0.1"} if processes else {}),
         )
     client = Client(local)
     logger.info("Dask client %s; dashboard: %s", client.scheduler.address, client.dashboard_link)
