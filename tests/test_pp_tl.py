@@ -229,9 +229,8 @@ def test_knn_graph_never_lists_a_cell_as_its_own_neighbour(exact, monkeypatch):
 
 
 def test_connectivities_equal_umaps_fuzzy_simplicial_set():
-    """Our NumPy fuzzy union against umap-learn's own numba one, with ties at distance 0
-    (duplicate cells, where rho falls back to the next distance) and a cell of all-zero
-    distances (sigma's floor from the global mean)."""
+    """Our NumPy fuzzy union against umap-learn's own numba one, with duplicate cells whose
+    neighbours are all at distance 0 (rho 0, and sigma's floor from the global mean)."""
     from umap.umap_ import fuzzy_simplicial_set
 
     from scatac_dist.tl.graph import connectivities, knn_graph
