@@ -123,6 +123,13 @@ def count_name(n: int) -> str:
     return f"{n // 1000}k" if n % 1000 == 0 else str(n)
 
 
+def _synth_params(store: Path) -> dict:
+    """What ``synth`` recorded it generated ``store`` from (empty when nothing)."""
+    import scatac_dist as sd
+
+    return (sd.open_atlas(store).provenance().get("synth") or {}).get("params", {}).get("params", {})
+
+
 def _readable(store: Path, n_cells: int, n_peaks: int | None, mod: str | None = None) -> bool:
     """``store`` opens, with ``n_cells`` cells (and ``n_peaks`` peaks when given)."""
     import scatac_dist as sd
@@ -139,14 +146,21 @@ def _readable(store: Path, n_cells: int, n_peaks: int | None, mod: str | None = 
 def ensure_like_atlas(like: str, n: int, n_peaks: int, folder: Path | None = None, *, client=None) -> Path:
     """The atlas ``datasets.synthesize_like(like=...)`` makes with ``n`` cells x ``n_peaks``
     (seed 0), ``FOLDER/{like}_{n}k_{n_peaks}kp.zarr``, generated once and reused; a partial or
-    unreadable one (or one of other sizes) is generated again. ``like``: ``"mouse"``,
+    unreadable one, one of other sizes, or one generated from other parameters (its recorded
+    fingerprint differs: a preset learned again) is generated again. ``like``: ``"mouse"``,
     ``"human"`` (the presets), or what else ``synthesize_like`` takes."""
     from scatac_dist import datasets
 
     folder = folder or scratch()
     store = folder / f"{Path(str(like)).stem}_{count_name(n)}_{count_name(n_peaks)}p.zarr"
     if _readable(store, n, None):  # the generator decides the exact peak count
-        return store
+        made_from = _synth_params(store).get("fingerprint")
+        from scatac_dist.calibrated import load_like
+
+        if made_from == load_like(like).fingerprint:
+            return store
+        print(f"{store} was generated from parameters {made_from}, not the current {like!r}: generating again",
+              flush=True)
     if not hasattr(datasets, "synthesize_like"):
         raise RuntimeError(f"preset {like!r} needs scatac_dist.datasets.synthesize_like, which this checkout "
                            "does not have yet; use --preset synthetic meanwhile")
