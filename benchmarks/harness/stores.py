@@ -194,12 +194,13 @@ def ensure_multiome_atlas(n: int, n_peaks: int, n_genes: int = 2000, folder: Pat
 
 def ensure_10x_h5(store: Path, path: Path | None = None) -> Path:
     """``store`` exported once to a Cell Ranger ``filtered_peak_bc_matrix.h5`` (gzip), by
-    default ``STORE.10x.h5`` beside it; an export left half-written is redone."""
+    default ``STORE.10x.h5`` beside it; an export left half-written, or older than the store
+    (an atlas generated again), is redone."""
     from scatac_dist.io.export import export_10x_h5
     from scatac_dist.store import open_atlas
 
     path = path or store.with_suffix(".10x.h5")
-    if not path.exists():
+    if not path.exists() or path.stat().st_mtime < store.stat().st_mtime:
         with Timer() as t:
             export_10x_h5(open_atlas(store), path, compression="gzip")
         print(f"exported {path} in {t.seconds:.0f} s", flush=True)
