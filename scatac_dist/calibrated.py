@@ -470,8 +470,7 @@ def separation(B: sp.spmatrix, labels: np.ndarray, *, n_comps: int = 30, seed: i
     ``S = X X^T`` is the cosine similarity; its diagonal zeroed; the leading eigenvectors of
     ``D^-1/2 (S - I) D^-1/2`` (matrix-free, ARPACK), the trivial first dropped, the rest
     scaled by the square root of their eigenvalues. The zeroed diagonal matters on sparse
-    cells: an embedding with it (an SVD of ``D^-1/2 X``) scored bm0828 0.36 where the
-    pipeline's k-means scores 0.52.
+    cells, where it dominates the similarity.
     """
     from scipy.sparse.linalg import LinearOperator, eigsh
     from sklearn.cluster import KMeans
@@ -516,8 +515,8 @@ def _calibrate_heterogeneity(B, codes, P, mu, partner, proportions, depth_q, mod
     """Own-type weight means and background share such that simulated cells have the
     reference's :func:`separation` (bisection on :func:`_heterogeneity`'s ``h``; both on the
     same cells' labels). A reference of fewer than :data:`CALIBRATION_CELLS` cells is
-    simulated several times at each step (at most :data:`MAX_REPLICATES`) and the mean taken:
-    at 533 cells one simulation's separation varies by about 0.05 with its seed."""
+    simulated several times at each step (at most :data:`MAX_REPLICATES`) and the mean taken,
+    as one small simulation's separation varies with its seed."""
     rng = np.random.default_rng([seed, 0xB6])
     n = min(B.shape[0], CALIBRATION_CELLS)
     take = np.sort(rng.choice(B.shape[0], n, replace=False))

@@ -29,6 +29,8 @@ __all__ = ["encode_csr", "feature_peaks", "js_specificity", "binarize_imputed", 
 #: what one imputation task may allocate (bytes): its tile of the imputed matrix (cells x
 #: peaks) holds ``TASK_BYTES / 16`` values, whatever the number of cells and peaks
 TASK_BYTES = 256 * 2**20
+#: float32 values per row block of the decoder's sigmoid(z W^T + b): 256 KiB, in cache
+_BLOCK_VALUES = 65536
 
 
 def feature_peaks(W: np.ndarray, n_sd: float = 2.5) -> np.ndarray:
@@ -245,9 +247,8 @@ def _sigmoid_logits(z: np.ndarray, Wd: np.ndarray, bd: np.ndarray) -> np.ndarray
     sum a separately rounded float32 operation, so a value never depends on which block of
     cells or peaks it was computed in: every tile equals the same block of the one-shot
     product, bit for bit (tested). A BLAS product does not give that: its kernels round
-    sums differently by shape and by CPU. With 10 latent dimensions this costs about 1.2x
-    BLAS for the whole pass, sigmoid included, computed in row blocks of about 256 KiB that
-    stay in cache.
+    sums differently by shape and by CPU. Computed in row blocks of :data:`_BLOCK_VALUES`
+    that stay in cache.
     """
     z = np.asarray(z, np.float32)
     Wt = np.ascontiguousarray(np.asarray(Wd, np.float32).T)        # latent x peaks
@@ -263,9 +264,6 @@ def _sigmoid_logits(z: np.ndarray, Wd: np.ndarray, bd: np.ndarray) -> np.ndarray
             np.multiply(z[a:a + rb, k, None], Wt[k], out=t)
             out += t
     return expit(P, out=P)
-
-
-_BLOCK_VALUES = 65536   # float32 values per row block of _sigmoid_logits: 256 KiB, in cache
 
 
 def _impute_tile(path, a, b, c0, c1, band, dec):
