@@ -482,8 +482,9 @@ def separation(B: sp.spmatrix, labels: np.ndarray, *, n_comps: int = 30, seed: i
     c = np.asarray(B.sum(0)).ravel()
     B = sp.csr_matrix(B[:, c > 0])
     A = sp.csr_matrix(B @ sp.diags(np.log(n / (1.0 + c[c > 0]))))
-    A = sp.csr_matrix(sp.diags(1 / np.maximum(np.sqrt(np.asarray(A.multiply(A).sum(1)).ravel()), 1e-12)) @ A)
-    unit = np.asarray(A.multiply(A).sum(1)).ravel()                 # 1, or 0 for an empty cell
+    norm = np.sqrt(np.asarray(A.multiply(A).sum(1)).ravel())
+    A = sp.csr_matrix(sp.diags(1 / np.maximum(norm, 1e-12)) @ A)
+    unit = (norm > 0).astype(np.float64)                            # S's diagonal: 1, or 0 for an empty cell
     deg = A @ np.asarray(A.T @ np.ones(n)).ravel() - unit
     r = 1 / np.sqrt(np.maximum(deg, 1e-12))
 

@@ -150,13 +150,12 @@ def ensure_like_atlas(like: str, n: int, n_peaks: int, folder: Path | None = Non
     fingerprint differs: a preset learned again) is generated again. ``like``: ``"mouse"``,
     ``"human"`` (the presets), or what else ``synthesize_like`` takes."""
     from scatac_dist import datasets
+    from scatac_dist.calibrated import load_like
 
     folder = folder or scratch()
     store = folder / f"{Path(str(like)).stem}_{count_name(n)}_{count_name(n_peaks)}p.zarr"
     if _readable(store, n, None):  # the generator decides the exact peak count
         made_from = _synth_params(store).get("fingerprint")
-        from scatac_dist.calibrated import load_like
-
         if made_from == load_like(like).fingerprint:
             return store
         print(f"{store} was generated from parameters {made_from}, not the current {like!r}: generating again",
