@@ -24,6 +24,7 @@ from scatac_dist.calibrated import (
     learn_like,
     load_like,
     qc_summary,
+    separation,
     synthesize_like,
 )
 from scatac_dist.datasets import SynthParams, synthesize
@@ -39,6 +40,9 @@ SEEN_ABS = 0.05
 #: the default pipeline's ARI (k-means and Leiden) on the generated atlas within this of its
 #: ARI on the reference
 ARI_DISTANCE = 0.2
+#: ``separation``, the in-memory measure the heterogeneity is calibrated to, within this of the
+#: pipeline's k-means ARI on the same store (it computes the same embedding)
+SEPARATION_DISTANCE = 0.05
 
 
 def _dense_counts(store) -> sp.csr_matrix:
@@ -84,12 +88,18 @@ def test_human_preset_matches_its_reference(bm0828, tmp_path, client):
 
     gen = synthesize_like(tmp_path / "like.zarr", "human", n_cells=p.n_ref_cells, client=client, progress=False)
     assert gen.shape == sd.Atlas(bm0828).shape
-    _assert_qc_close(_dense_counts(bm0828), _dense_counts(gen.path))
+    ref_counts, gen_counts = _dense_counts(bm0828), _dense_counts(gen.path)
+    _assert_qc_close(ref_counts, gen_counts)
 
     ref_km, ref_ld = _pipeline_ari(bm0828, client)
     gen_km, gen_ld = _pipeline_ari(gen.path, client)
     assert abs(gen_km - ref_km) <= ARI_DISTANCE, (gen_km, ref_km)
     assert abs(gen_ld - ref_ld) <= ARI_DISTANCE, (gen_ld, ref_ld)
+
+    # the calibration's measure is the pipeline's k-means, on the reference and on an atlas
+    for counts, store, km in ((ref_counts, bm0828, ref_km), (gen_counts, gen.path, gen_km)):
+        labels = sd.Atlas(store).obs["celltype"].astype(str).to_numpy()
+        assert abs(separation(counts, labels) - km) <= SEPARATION_DISTANCE, (separation(counts, labels), km)
 
     # the learned heterogeneity is what keeps it hard: the same types as pure cells separate
     pure = dataclasses.replace(p, own_beta=np.tile([1e3, 1e-3], (p.n_types, 1)),

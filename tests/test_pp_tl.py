@@ -265,3 +265,33 @@ def test_resolution_search_finds_each_count_a_scan_finds():
         res, lab = search_resolution(G, k)
         assert len(np.unique(lab)) == k
         np.testing.assert_array_equal(lab, leiden_labels(G, res))
+
+
+def test_community_graph_keeps_modularity_at_every_resolution():
+    """A partition of the community graph has the modularity, computed here from its definition
+    with SciPy, of the partition of the cells it lifts to, at any resolution: what lets the
+    resolution search guess on it."""
+    from scatac_dist.tl.graph import community_graph, connectivities, knn_graph, leiden_labels
+
+    rng = np.random.default_rng(5)
+    centres = rng.standard_normal((6, 8)) * 3
+    E = (centres[rng.integers(0, 6, 1500)] + rng.standard_normal((1500, 8))).astype(np.float32)
+    idx, dist = knn_graph(E, 15)
+    C = sp.csr_matrix(connectivities(idx, dist, len(E)))
+    A = sp.triu(C + C.T, k=1).tocoo().astype(np.float64)  # the weights as_igraph gives the graph
+    strength = np.bincount(A.row, A.data, len(E)) + np.bincount(A.col, A.data, len(E))
+
+    def modularity(labels, resolution):
+        inside = 2 * A.data[labels[A.row] == labels[A.col]].sum()
+        totals = np.bincount(labels, weights=strength)
+        return inside / strength.sum() - resolution * (totals ** 2).sum() / strength.sum() ** 2
+
+    fine = leiden_labels(C, 2.0)
+    H = community_graph(C, fine)
+    assert H.vcount() == fine.max() + 1 > 6
+    np.testing.assert_allclose(H.vs["strength"], np.bincount(fine, weights=strength))
+    for resolution in (0.1, 0.5, 2.0):
+        coarse = rng.integers(0, 4, H.vcount())
+        for part in (coarse, np.arange(H.vcount())):
+            np.testing.assert_allclose(H.modularity(part, weights="weight", resolution=resolution),
+                                       modularity(part[fine], resolution), rtol=1e-9)
