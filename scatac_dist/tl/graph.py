@@ -230,8 +230,8 @@ def search_resolution(graph, n_clusters: int, *, seed: int = 0, max_steps: int =
     """Leiden's resolution (0.01-10) for ``n_clusters`` clusters; return the resolution and the
     labels of the full-graph Leiden run that came closest within ``max_steps`` runs.
 
-    Every run on the full graph is costly (43 s at 1M cells), so the search guesses first on a
-    small graph. The first run is at 0.316, the middle of the range on a log scale. When it gives
+    A run on the full graph of an atlas is costly, so the search guesses first on a small
+    graph. The first run is at 0.316, the middle of the range on a log scale. When it gives
     fewer clusters than asked, the search goes on by bisection on a log scale. When it gives
     more, the graph of its communities (:func:`community_graph`), on which a bisection costs
     milliseconds, gives a resolution near the answer; the full graph is run there, then at
