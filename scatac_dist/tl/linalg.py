@@ -62,11 +62,12 @@ def randomized_svd(A: da.Array, k: int, *, n_oversamples: int = 20, n_iter: int 
 
 def _gram_step(block, T, Y_prev, Rinv, d):
     """One pass over one row block of ``A``: ``Y = A T - d * Q`` with ``Q = Y_prev Rinv``,
-    plus this block's share of ``A^T Y``, ``Y^T Y`` and ``Y^T diag(d) Y`` (float64)."""
+    plus this block's share of ``A^T Y`` (float32, the kernel's precision), ``Y^T Y`` and
+    ``Y^T diag(d) Y`` (float64)."""
     C = d * (Y_prev.astype(np.float64) @ Rinv) if Y_prev is not None else None
     Y, P = gram_pass(block, T, C)
     Y64 = Y.astype(np.float64)
-    return Y, P.astype(np.float64), Y64.T @ Y64, Y64.T @ (d * Y64)
+    return Y, P, Y64.T @ Y64, Y64.T @ (d * Y64)
 
 
 def _orthonormalizer(G: np.ndarray, rtol: float = 1e-10) -> np.ndarray:
@@ -113,13 +114,16 @@ def subspace_eigs(A: da.Array, k: int, *, diag: np.ndarray | None = None, n_over
     T = np.random.default_rng(seed).standard_normal((m, nv))
     Ys, Rinv = [None] * len(blocks), None
     for it in range(n_iter + 1):
-        T_d, Rinv_d = share(T), (share(Rinv) if Rinv is not None else None)
+        # T goes to the kernel in float32 (its precision): half the bytes sent
+        T_d, Rinv_d = share(T.astype(np.float32)), (share(Rinv) if Rinv is not None else None)
         steps = [delayed(_gram_step, nout=4)(b, T_d, y, Rinv_d, d) for b, y, d in zip(blocks, Ys, ds)]
         Ys = [s[0] for s in steps]
-        P = tree_sum([s[1] for s in steps], part_bytes=m * nv * 8)  # m x nv: the largest part
+        # m x nv, the largest part, summed in float32: half the bytes between workers
+        P = tree_sum([s[1] for s in steps], part_bytes=m * nv * 4)
         G, E = tree_sum([s[2] for s in steps]), tree_sum([s[3] for s in steps])
         Ys, P, G, E = dask.persist(Ys, P, G, E)
         P, G, E = dask.compute(P, G, E)
+        P = P.astype(np.float64)
         Rinv = _orthonormalizer(G)
         T = P @ Rinv
         logger.debug("subspace iteration %d/%d", it, n_iter)

@@ -49,7 +49,7 @@ def _hstack(parts):
 def _range_step(block, omega):
     """Pass 0: ``R = A_b Omega`` (the randomized range finder) and ``A_b^T R``."""
     R, AtR = gram_pass(block, omega)
-    return (None, None, R, None, None, None), AtR.astype(np.float64)
+    return (None, None, R, None, None, None), AtR
 
 
 def _lobpcg_step(block, state, C, nx, theta, AtR, d):
@@ -70,7 +70,7 @@ def _lobpcg_step(block, state, C, nx, theta, AtR, d):
         R = MX - X * theta.astype(np.float32)
     MR, AtMR = gram_pass(block, AtR, d * R)
     S, MS = _hstack((X, R, P)), _hstack((MX, MR, MP))
-    return (X, MX, R, MR, P, MP), AtMR.astype(np.float64), S.T @ S, S.T @ MS
+    return (X, MX, R, MR, P, MP), AtMR, S.T @ S, S.T @ MS
 
 
 def _ritz_vectors(state, C, k):
@@ -155,8 +155,11 @@ def lobpcg_eigs(A: da.Array, k: int, *, diag: np.ndarray | None = None, n_oversa
     omega = share(np.random.default_rng(seed).standard_normal((m, nv)).astype(np.float32))
     steps = [delayed(_range_step, nout=2)(b, omega) for b in blocks]
     states = [s[0] for s in steps]
-    states, AtR = dask.persist(states, tree_sum([s[1] for s in steps], part_bytes=m * nv * 8))
-    AtR = AtR.compute()
+    # the m x nv partial images are summed in float32, the kernel's precision: half the bytes
+    # between workers of float64, and a fan-in of up to 8 within the reduce budget
+    image_bytes, gram_bytes = m * nv * 4, (3 * nv) ** 2 * 8
+    states, AtR = dask.persist(states, tree_sum([s[1] for s in steps], part_bytes=image_bytes))
+    AtR = AtR.compute().astype(np.float64)
     # A^T images of X, M X, P, M P; None until the first Rayleigh-Ritz solve
     AtX = AtMX = AtP = AtMP = None
     C, nx_prev, theta = None, 0, np.zeros(0)
@@ -166,9 +169,11 @@ def lobpcg_eigs(A: da.Array, k: int, *, diag: np.ndarray | None = None, n_oversa
         steps = [delayed(_lobpcg_step, nout=4)(b, st, C_d, nx_prev, theta_d, AtR_d, d)
                  for b, st, d in zip(blocks, states, ds)]
         states = [s[0] for s in steps]
-        states, AtMR, GB, GA = dask.persist(states, *(tree_sum([s[i] for s in steps], part_bytes=m * 3 * nv * 8)
-                                                      for i in (1, 2, 3)))
+        states, AtMR, GB, GA = dask.persist(states, *(tree_sum([s[i] for s in steps], part_bytes=nbytes)
+                                                      for i, nbytes in ((1, image_bytes), (2, gram_bytes),
+                                                                        (3, gram_bytes))))
         AtMR, GB, GA = dask.compute(AtMR, GB, GA)
+        AtMR = AtMR.astype(np.float64)
         # the basis just formed is S = [X R P]; X has nx columns (none before the first solve)
         nx = 0 if AtX is None else AtX.shape[1]
         if nx:
