@@ -112,9 +112,14 @@ def atlas_for(preset: str, n: int, peaks: int, folder: Path) -> Path:
 
 
 def projected_seconds(results: dict, key: dict) -> float | None:
-    """The time of run ``key`` extrapolated from the same series' successful runs on fewer
-    cells: log-log through the two largest (slope at least 1), or linear from one; ``None``
-    without any."""
+    """The time of run ``key``: its own earlier successful run's, when there is one (so a
+    measured run is run again, never replaced by a projection), else extrapolated from the
+    same series' successful runs on fewer cells: log-log through the two largest (slope at
+    least 1), or linear from one; ``None`` without any."""
+    own = [r for r in results["runs"] if "failed" not in r and r.get("time_s") and r["system"] == "scatac-dist"
+           and all(r.get(k) == key[k] for k in ("preset", "n_peaks", "n_cells", "capability", "workers"))]
+    if own:
+        return own[0]["time_s"]
     same = sorted((r for r in results["runs"] if "failed" not in r and r.get("time_s")
                    and r["system"] == "scatac-dist" and r["n_cells"] < key["n_cells"]
                    and all(r.get(k) == key[k] for k in ("preset", "n_peaks", "capability", "workers"))),
