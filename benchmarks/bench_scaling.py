@@ -116,16 +116,14 @@ def projected_seconds(results: dict, key: dict) -> float | None:
     measured run is run again, never replaced by a projection), else extrapolated from the
     same series' successful runs on fewer cells: log-log through the two largest (slope at
     least 1), or linear from one; ``None`` without any."""
-    own = [r for r in results["runs"] if "failed" not in r and r.get("time_s") and r["system"] == "scatac-dist"
-           and all(r.get(k) == key[k] for k in ("preset", "n_peaks", "n_cells", "capability", "workers"))]
-    if own:
-        return own[0]["time_s"]
     same = sorted((r for r in results["runs"] if "failed" not in r and r.get("time_s")
-                   and r["system"] == "scatac-dist" and r["n_cells"] < key["n_cells"]
+                   and r["system"] == "scatac-dist" and r["n_cells"] <= key["n_cells"]
                    and all(r.get(k) == key[k] for k in ("preset", "n_peaks", "capability", "workers"))),
                   key=lambda r: r["n_cells"])
     if not same:
         return None
+    if same[-1]["n_cells"] == key["n_cells"]:
+        return same[-1]["time_s"]
     last = same[-1]
     slope = 1.0
     if len(same) > 1:
