@@ -285,6 +285,24 @@ def exponent_rows(runs: list[dict]) -> tuple[list[str], list[tuple]]:
     return lines, verdicts
 
 
+def stopped_bounds(runs: list[dict]) -> list[tuple[tuple, float]]:
+    """Our series whose largest size in the target's range was stopped (time-out, memory limit,
+    by hand): a lower bound on the exponent, from the largest size measured at or above 100k
+    to the wall seconds the stopped run had used (``external['wall_s']``)."""
+    done = group(runs)
+    out = []
+    for r in runs:
+        wall = (r.get("external") or {}).get("wall_s")
+        if r["system"] != US or ok(r) or not wall or r["n_cells"] <= LARGE:
+            continue
+        below = [x for x in done.get(series_key(r), []) if LARGE <= x["n_cells"] < r["n_cells"]]
+        if below:
+            ref = below[-1]
+            out.append((series_key(r) + (r["n_cells"],),
+                        math.log(wall / ref["time_s"]) / math.log(r["n_cells"] / ref["n_cells"])))
+    return out
+
+
 def ratio_rows(runs: list[dict]) -> tuple[list[str], list[tuple]]:
     snap = {(r["preset"], r["n_peaks"], r["n_cells"]): r for r in runs
             if r["system"] == SNAP and r["capability"] == "pipeline"}
@@ -354,11 +372,16 @@ def target_rows(runs: list[dict], ratios: list[tuple], exps: list[tuple]) -> lis
     else:
         lines.append("| every process < 8 GiB at 1M x 500k | - | not measured |")
     judged = [e for e in exps if e[2] is not None]
-    if judged:
+    stopped = stopped_bounds(runs)
+    if judged or stopped:
         short = [f"{k[2]} ({k[0]}, {k[1] // 1000}k, {k[4]}w): {a:.2f}" for k, a, v in judged if not v]
+        unknown = [f"{k[2]} ({k[0]}, {k[1] // 1000}k, {k[4]}w) stopped at {k[5] // 1000}k: a > {a:.2f}"
+                   for k, a in stopped]
         lines.append(f"| growth exponent ≤ 1.1, 100k-1M, every capability | {len(judged)} series fitted"
-                     + (f"; over: {'; '.join(short)}" if short else "") + f" | {sum(v for *_, v in judged)} of "
-                     f"{len(judged)} met |")
+                     + (f"; over: {'; '.join(short)}" if short else "")
+                     + (f"; not measured to the end: {'; '.join(unknown)}" if unknown else "")
+                     + f" | {sum(v for *_, v in judged)} of {len(judged) + len(stopped)} met"
+                     + (f", {len(stopped)} unknown" if stopped else "") + " |")
     else:
         lines.append("| growth exponent ≤ 1.1, 100k-1M, every capability | no series with two sizes in 100k-1M | "
                      "not measured |")
@@ -401,6 +424,7 @@ def write_report(results: dict, paths: ReportPaths, *, json_path: Path, bandwidt
     runs = results.get("runs", [])
     draw(runs, paths)
     exp_lines, exps = exponent_rows(runs)
+    stopped = stopped_bounds(runs)
     ratio_lines, ratios = ratio_rows(runs)
     m = results.get("machine") or {}
     md = paths.md
@@ -452,6 +476,10 @@ def write_report(results: dict, paths: ReportPaths, *, json_path: Path, bandwidt
         "",
         *exp_lines,
         "",
+        *(["Stopped before the end, so only a lower bound (from the last size measured to the wall "
+           "time the stopped run had used): "
+           + "; ".join(f"{k[2]}, {k[0]}, {k[1]:,} peaks, at {k[5]:,} cells: a > {a:.2f}" for k, a in stopped)
+           + ".", ""] if stopped else []),
         "## Against SnapATAC2 (same run)",
         "",
         "Matched stages: our select_features + spectral + neighbors + leiden against SnapATAC2's "
