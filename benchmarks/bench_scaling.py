@@ -178,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", type=Path, help=f"results JSON (default {JSON_OUT.relative_to(BENCH.parent)})")
     ap.add_argument("--scratch", type=Path, help="atlases and run folders (default $SCATAC_BENCH_SCRATCH or benchmarks/work)")
     ap.add_argument("--small", action="store_true",
-                    help="a small version: --preset mouse --peaks 20000 --sizes 2000 10000 --epoch-cells 2000 "
+                    help="a small version: --preset mouse --peaks 20000 --sizes 2000 5000 --epoch-cells 2000 "
                          "--out benchmarks/results/scaling_small.json, unless given")
     ap.add_argument("--timeout", type=float, default=4 * 3600.0, help="seconds; one of our runs is stopped beyond it")
     ap.add_argument("--max-rss", type=float, default=20.0, help="GiB; one of our runs is stopped beyond it")
