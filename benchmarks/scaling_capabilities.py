@@ -44,7 +44,8 @@ thread each). What each one times:
 
 Capabilities other than ``ingest``, ``pipeline`` and ``scmvp_epoch`` first make sure the
 pipeline's QC, cell filter and feature selection are in the store (skipped when they are,
-as ``scatac-dist run`` would), as a stage of their own that is not counted.
+as ``scatac-dist run`` would), as a stage of their own that is not counted. Restart state that a stopped run of scCASE,
+SCALE or scEmbed left beside the store is removed first, so every run starts from nothing.
 
 What is recorded per stage (:class:`Meter`): wall seconds; peak RSS of the whole process
 tree and of its largest process (``harness.memory``, every 0.2 s); bytes read from the store
@@ -294,6 +295,9 @@ def cap_scmvp_epoch(spec: dict, meter: Meter, client) -> dict:
             "atlas": "synthetic multiome (SynthParams n_genes=2000, 10 types)", **out}
 
 
+#: the restart state each capability's model keeps beside the store (``Atlas.resume_state``)
+RESUME_STAGES = {"sccase": "sccase", "scale_epoch": "scale", "scembed_epoch": "scembed"}
+
 CHILD_CAPABILITIES = {"pipeline": cap_pipeline, "jaccard": cap_jaccard, "sccase": cap_sccase,
                       "scale_epoch": cap_scale_epoch, "scembed_epoch": cap_scembed_epoch,
                       "scmvp_epoch": cap_scmvp_epoch}
@@ -317,6 +321,8 @@ def run_child(spec: dict) -> None:
             atlas = sd.open_atlas(spec["store"], mod="atac") if spec["capability"] == "scmvp_epoch" else \
                 sd.Atlas(spec["store"])
             res["nnz"] = int(atlas.nnz)
+            if spec["capability"] in RESUME_STAGES:  # a stopped run's state would shorten this one
+                atlas.clear_resume(RESUME_STAGES[spec["capability"]])
             res["details"] = CHILD_CAPABILITIES[spec["capability"]](spec, meter, client)
         finally:
             flush_everywhere(client)
