@@ -44,8 +44,9 @@ thread each). What each one times:
 
 Capabilities other than ``ingest``, ``pipeline`` and ``scmvp_epoch`` first make sure the
 pipeline's QC, cell filter and feature selection are in the store (skipped when they are,
-as ``scatac-dist run`` would), as a stage of their own that is not counted. Restart state that a stopped run of scCASE,
-SCALE or scEmbed left beside the store is removed first, so every run starts from nothing.
+as ``scatac-dist run`` would), as a stage of their own that is not counted. Restart state
+that a stopped run of scCASE, SCALE or scEmbed left beside the store is removed first, so
+every run starts from nothing.
 
 What is recorded per stage (:class:`Meter`): wall seconds; peak RSS of the whole process
 tree and of its largest process (``harness.memory``, every 0.2 s); bytes read from the store
