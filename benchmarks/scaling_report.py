@@ -196,16 +196,16 @@ def draw(runs: list[dict], paths: ReportPaths) -> None:
             ax.set_ylabel("wall time (s)" if what == "time" else "peak RSS (GiB)")
             if what == "memory":
                 ax.axhline(PROCESS_GIB_1M_500K, color="r", lw=0.8, ls=":")
-        # the longest legends would hide their lines: the empty panels hold them, longest first
         spare = list(axes.ravel()[len(caps):])
+        for ax in spare:
+            ax.axis("off")
+        # the longest legends would hide their lines: the empty panels hold them, longest first
         for ax, cap in sorted(zip(axes.ravel(), caps), key=lambda p: -len(p[0].get_legend_handles_labels()[0])):
             handles, labels = ax.get_legend_handles_labels()
             if len(handles) > 6 and spare:
                 spare.pop(0).legend(handles, labels, fontsize=7, loc="center", title=cap, title_fontsize=8)
             else:
                 ax.legend(fontsize=6)
-        for ax in axes.ravel()[len(caps):]:
-            ax.axis("off")
         plots.save(fig, path, dpi=100, tight=True)
 
 
